@@ -1,0 +1,71 @@
+# llmspace — the two commands a reader needs: `make book` and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PYTHONHASHSEED := 0
+# Quiet, offline, CPU-only defaults for everything below.
+export MPLBACKEND := Agg
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TRITON_INTERPRET := 1
+ASSIGNMENTS := $(notdir $(wildcard exercises/source/ex*))
+
+.PHONY: help venv book serve exercises sync test test-fast chromium benchmarks clean
+
+help:
+	@echo "make book        build the executed book into _build/html (creates .venv on first use)"
+	@echo "make test        run every test: library, checks, notebooks, grader, book build, browser"
+	@echo "make serve       serve the built book on http://127.0.0.1:8000"
+	@echo "make exercises   release the student notebooks into exercises/release/"
+	@echo "make sync        rebuild exercise notebooks and the interview index from their sources"
+	@echo "make benchmarks  rerun the measurements behind the book's figures"
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip==25.3
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+sync: venv
+	$(PY) -m autograder.sync
+	$(PY) book/_ext/interview_index.py
+
+exercises: venv
+	@for a in $(ASSIGNMENTS); do \
+	  (cd exercises && nbgrader generate_assignment $$a --force --log-level=WARN) || exit 1; \
+	  echo "released exercises/release/$$a/$$a.ipynb"; \
+	done
+
+book: venv exercises
+	$(PY) -m autograder.sync --check
+	$(PY) book/_ext/interview_index.py --check
+	jupyter-book build . --config _config.yml --toc _toc.yml --warningiserror --keep-going
+	@echo
+	@echo "Book built: open $(CURDIR)/_build/html/index.html"
+	@echo "or serve it locally with: make serve   (http://127.0.0.1:8000)"
+
+serve:
+	$(PY) -m http.server 8000 --bind 127.0.0.1 --directory _build/html
+
+# Debian's chromium for the browser test (never `playwright install`: it downloads a browser).
+chromium:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || exit 1; \
+	else echo "chromium missing and not root: the browser test will be skipped (apt-get install chromium)"; fi
+
+test: venv book chromium
+	$(PY) -m pytest -n 2 --durations=15
+
+test-fast: venv
+	$(PY) -m pytest -n 2 -m "not browser"
+
+benchmarks: venv
+	$(PY) benchmarks/sparse_spmv.py
+
+clean:
+	rm -rf _build exercises/release exercises/autograded exercises/feedback exercises/gradebook.db

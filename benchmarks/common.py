@@ -1,0 +1,69 @@
+"""Shared helpers for benchmarks: provenance (machine, versions, settings) and robust timing."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    versions = {"python": platform.python_version(), "numpy": np.__version__}
+    for name in ("scipy", "torch"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = module.__version__
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "versions": versions,
+            "commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def best_time(fn, repeat: int = 7, min_seconds: float = 0.2) -> float:
+    """Best wall time of one call (seconds): calls are batched so each sample lasts >= min_seconds/repeat."""
+    fn()  # warm-up: page faults, caches, lazy imports
+    start = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - start, 1e-7)
+    number = max(1, int(min_seconds / repeat / one))
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        samples.append((time.perf_counter() - start) / number)
+    return min(samples)
+
+
+def copy_bandwidth(nbytes: int = 256 * 2**20) -> float:
+    """Single-threaded streaming bandwidth in GB/s: a numpy copy reads and writes nbytes each."""
+    src = np.ones(nbytes // 8)
+    dst = np.empty_like(src)
+    seconds = best_time(lambda: np.copyto(dst, src), repeat=5)
+    return 2 * nbytes / seconds / 1e9
+
+
+def write_result(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    return path
