@@ -114,18 +114,21 @@ def _print_table(report: dict) -> None:
 
 # ---- instructor side -------------------------------------------------------------------------------
 
-def _nbgrader(*args: str) -> subprocess.CompletedProcess:
+def _nbgrader(course: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run nbgrader in the course folder (its nbgrader_config.py applies), with this venv on PATH."""
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    return subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=COURSE, env=env,
+    return subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=course, env=env,
                           capture_output=True, text=True)
 
 
-def _scores_from_gradebook(assignment: str, student: str) -> dict | None:
+def gradebook_url(course: Path) -> str:
+    return os.environ.get("LLMSPACE_GRADEBOOK_URL", f"sqlite:///{course.resolve()}/gradebook.db")
+
+
+def _scores_from_gradebook(course: Path, assignment: str, student: str) -> dict | None:
     from nbgrader.api import Gradebook, MissingEntry
 
-    from traitlets.config import Config  # noqa: F401 - imported for nbgrader's side effects
-    url = os.environ.get("LLMSPACE_GRADEBOOK_URL", f"sqlite:///{COURSE}/gradebook.db")
-    with Gradebook(url) as gb:
+    with Gradebook(gradebook_url(course)) as gb:
         try:
             sub = gb.find_submission(assignment, student)
         except MissingEntry:
@@ -137,17 +140,20 @@ def _scores_from_gradebook(assignment: str, student: str) -> dict | None:
         return {"score": float(sub.score), "max_score": float(sub.max_score), "items": dict(sorted(items.items()))}
 
 
-def grade(assignment_name: str, submitted: Path, csv_out: Path | None, json_out: Path | None) -> dict:
+def grade(assignment_name: str, submitted: Path, csv_out: Path | None = None, json_out: Path | None = None,
+          course: Path = COURSE) -> dict:
+    """Autograde every ``submitted/<student>/<assignment>/<assignment>.ipynb``; returns per-student results
+    ``{student: {status, score, max_score, items: {grade_id: score}, [reason]}}``."""
     assignments = all_assignments()
     if assignment_name not in assignments:
         raise SystemExit(f"unknown assignment {assignment_name!r} (known: {', '.join(assignments)})")
     assignment = assignments[assignment_name]
     if not submitted.is_dir():
         raise SystemExit(f"{submitted}: not a folder of <student>/{assignment_name}/{assignment_name}.ipynb")
-    done = _nbgrader("generate_assignment", assignment_name, "--force")
+    done = _nbgrader(course, "generate_assignment", assignment_name, "--force")
     if done.returncode != 0:
         raise SystemExit(f"nbgrader generate_assignment failed:\n{done.stderr[-2000:]}")
-    target = COURSE / "submitted"
+    target = course / "submitted"
     results = {}
     for student_dir in sorted(p for p in submitted.iterdir() if p.is_dir()):
         student = student_dir.name
@@ -164,13 +170,13 @@ def grade(assignment_name: str, submitted: Path, csv_out: Path | None, json_out:
             shutil.rmtree(dest, ignore_errors=True)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copytree(src, dest)
-        run = _nbgrader("autograde", assignment_name, "--student", student, "--force", "--create")
-        scores = _scores_from_gradebook(assignment_name, student)
+        run = _nbgrader(course, "autograde", assignment_name, "--student", student, "--force", "--create")
+        scores = _scores_from_gradebook(course, assignment_name, student)
         if run.returncode != 0 or scores is None:
             results[student] = {"status": "invalid", "score": 0.0, "max_score": float(assignment.max_score),
                                 "items": {}, "reason": (run.stderr.strip().splitlines() or ["autograde failed"])[-1]}
             continue
-        _nbgrader("generate_feedback", assignment_name, "--student", student, "--force")
+        _nbgrader(course, "generate_feedback", assignment_name, "--student", student, "--force")
         results[student] = {"status": "graded", **scores}
     if csv_out:
         item_ids = [assignment.grade_id(t.function) for t in assignment.tasks]
@@ -199,6 +205,7 @@ def main(argv=None) -> int:
     p_grade.add_argument("submitted", type=Path, help="folder laid out as <student>/<assignment>/<assignment>.ipynb")
     p_grade.add_argument("--csv", type=Path, default=None, help="CSV of scores (default <assignment>_grades.csv)")
     p_grade.add_argument("--json", type=Path, default=None, help="also write per-student results as JSON")
+    p_grade.add_argument("--course", type=Path, default=COURSE, help="nbgrader course folder (default exercises/)")
     args = parser.parse_args(argv)
 
     if args.command == "check":
@@ -211,9 +218,9 @@ def main(argv=None) -> int:
             _print_table(report)
         return 0
     csv_out = args.csv or Path(f"{args.assignment}_grades.csv")
-    results = grade(args.assignment, args.submitted, csv_out, args.json)
+    results = grade(args.assignment, args.submitted, csv_out, args.json, course=args.course)
     for student, r in results.items():
         print(f"{student:<24} {r['status']:<8} {r['score']:>6.1f}/{r['max_score']:.0f}"
               + (f"  ({r['reason']})" if r.get("reason") else ""))
-    print(f"scores: {csv_out}   feedback: {COURSE / 'feedback'}")
+    print(f"scores: {csv_out}   feedback: {args.course / 'feedback'}")
     return 0

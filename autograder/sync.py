@@ -137,6 +137,10 @@ def notebook_path(assignment: Assignment) -> Path:
     return SOURCE / assignment.name / f"{assignment.name}.ipynb"
 
 
+def _display(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def render(assignment: Assignment) -> str:
     return nbformat.writes(build_notebook(assignment)) + "\n"
 
@@ -153,13 +157,13 @@ def main(argv=None) -> int:
             continue
         if args.check:
             stale += 1
-            rel = path.relative_to(ROOT)
+            rel = _display(path)
             sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), text.splitlines(True),
                                                        f"{rel} (committed)", f"{rel} (from solutions/)", n=2))
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
-            print(f"wrote {path.relative_to(ROOT)}")
+            print(f"wrote {_display(path)}")
     if stale:
         print(f"\n{stale} exercise notebook(s) are stale: run `python -m autograder.sync` and commit.")
         return 1
