@@ -1,9 +1,9 @@
-"""End to end: release → submissions → `python -m autograder grade` (nbgrader) and `check` (learner side).
+"""End to end: release (nbgrader) → submissions → `python -m autograder grade` and `check` (learner side).
 
 Invariants of the course (issue 2): released solution cells raise NotImplementedError and carry no hidden
 tests; the reference answers score full marks with hidden tests included; the untouched release scores 0;
 the article's buggy answers lose exactly their questions' points; feedback never shows hidden test code;
-the learner's `check` agrees with the instructor's grade, item by item.
+scores land in nbgrader's gradebook; the learner's `check` agrees with the instructor's grade.
 """
 import json
 import shutil
@@ -57,7 +57,7 @@ def graded(course, notebooks, tmp_path_factory):
     (submitted / "corrupt" / NAME).mkdir(parents=True)
     (submitted / "corrupt" / NAME / f"{NAME}.ipynb").write_text('{"cells": [')
     out = tmp_path_factory.mktemp("out")
-    results = cli.grade(NAME, submitted, out / "grades.csv", out / "grades.json", course=course)
+    results = cli.grade(NAME, submitted, out / "grades.csv", out / "grades.json", course=course, workers=2)
     return results, out
 
 
@@ -96,10 +96,22 @@ def test_csv_and_json_outputs(graded):
 
 
 def test_feedback_reveals_no_hidden_tests(graded, course):
-    html = (course / "feedback" / "article" / NAME / f"{NAME}.html").read_text()
-    assert "not enough values to unpack" in html  # the student learns what went wrong...
-    for secret in ("hidden=True", "BEGIN HIDDEN TESTS", "autograder/checks", "most recent call last"):
-        assert secret not in html  # ...but not the hidden test code or the checks' source
+    for student in ("article", "bug"):
+        for ext in ("html", "md"):
+            text = (course / "feedback" / student / NAME / f"{NAME}.{ext}").read_text()
+            assert ("not enough values to unpack" in text) == (student == "article")  # what went wrong...
+            for secret in ("hidden=True", "BEGIN HIDDEN TESTS", "autograder/checks", "most recent call last"):
+                assert secret not in text  # ...but not hidden test code or the checks' source
+    bug = (course / "feedback" / "bug" / NAME / f"{NAME}.md").read_text()
+    assert "hidden case 'empty first and last rows'" in bug or "case '3x4 example'" in bug
+
+
+def test_scores_are_in_the_gradebook(graded, course):
+    from nbgrader.api import Gradebook
+    with Gradebook(cli.gradebook_url(course)) as gb:
+        assert gb.find_submission(NAME, "perfect").score == 13
+        assert gb.find_submission(NAME, "article").score == 11
+        assert gb.find_grade("ex01_sparse_matrix_add", NAME, NAME, "article").score == 0
 
 
 def test_learner_check_agrees_with_grader(graded, notebooks, tmp_path):
@@ -109,7 +121,7 @@ def test_learner_check_agrees_with_grader(graded, notebooks, tmp_path):
         path.parent.mkdir()
         nbformat.write(notebooks[student], path)
         report = cli.check_notebook(path)
-        assert {k: v["score"] for k, v in report["items"].items()} == results[student]["items"], student
+        assert {k: float(v["score"]) for k, v in report["items"].items()} == results[student]["items"], student
 
 
 def test_check_cli_json_and_messages(notebooks, tmp_path):
