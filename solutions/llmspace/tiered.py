@@ -1,0 +1,215 @@
+"""Chapter 6 (continued) — tiered weight storage for offloaded inference: device → host → disk.
+
+When a model does not fit in accelerator memory, its layers live in a hierarchy: a few on the device,
+more in host RAM, all of them on disk. A forward pass touches layers 0, 1, …, L−1 in order, token
+after token, so the access pattern is a *cyclic scan* — the one pattern where LRU is at its worst: with
+room for k < L layers, each layer has been evicted by the time the scan comes back to it, and the hit
+rate is exactly 0. What makes offloading work is not the cache policy but **prefetching**: start moving
+layer i+1 while layer i computes, so that the transfer hides behind compute whenever
+``layer_bytes / bandwidth <= compute time``.
+
+* :class:`TieredLayerCache` — byte-bounded LRU tiers over a safetensors checkpoint, with prefetch of the
+  next layer, counting hits per tier and bytes moved per link; :meth:`TieredLayerCache.simulated_seconds`
+  turns the counts into time for given link bandwidths (e.g. NVMe 3 GB/s, PCIe 4 ×16 25 GB/s).
+* :func:`offloaded_forward` — run a stack of blocks whose weights stay in (pinned) host memory,
+  copying block i+1 to the GPU with ``non_blocking=True`` on a side CUDA stream while block i
+  computes. On the CPU the same code runs with synchronous copies (the tested path).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from llmspace.storage import SafetensorsFile, _checkpoint_files, tensor_bytes
+
+__all__ = ["TieredLayerCache", "offloaded_forward", "pin_module", "upload_weights"]
+
+
+class _LRUTier:
+    """name -> value, bounded by total bytes; least recently used first."""
+
+    def __init__(self, capacity_bytes: int):
+        self.capacity, self.used, self.items = capacity_bytes, 0, OrderedDict()
+
+    def get(self, key):
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key][0]
+        return None
+
+    def put(self, key, value, nbytes: int, keep=()) -> bool:
+        """Insert as most recent, evicting LRU entries (never those in ``keep``); False if it can't fit."""
+        if nbytes > self.capacity:
+            return False
+        while self.used + nbytes > self.capacity:
+            victim = next((k for k in self.items if k not in keep), None)
+            if victim is None:
+                return False
+            self.used -= self.items.pop(victim)[1]
+        self.items[key] = (value, nbytes)
+        self.used += nbytes
+        return True
+
+
+class TieredLayerCache:
+    """Layer weights served from device memory, host RAM or disk, with LRU tiers and prefetch.
+
+    Args:
+        checkpoint: a ``.safetensors`` file or a sharded ``*.index.json``.
+        n_layers: number of layers; layer ``i`` is every tensor whose name starts with
+            ``layer_prefix.format(i)``.
+        device_bytes, host_bytes: capacities of the two cached tiers, in bytes.
+        device: where :meth:`get` returns tensors (``"cpu"`` simulates the device tier with copies).
+        prefetch: after serving layer i, bring layer ``(i + 1) % n_layers`` to the device tier.
+        pin_host: keep host-tier copies in pinned memory (only with CUDA available).
+
+    ``stats`` counts, per :meth:`get`, where the layer was found (``device``/``host``/``disk``; a layer
+    brought to the device by a prefetch counts as ``prefetched``) and the bytes moved on each link,
+    demand and prefetch separately.
+    """
+
+    def __init__(self, checkpoint, n_layers: int, device_bytes: int, host_bytes: int,
+                 layer_prefix: str = "layers.{}.", device="cpu", prefetch: bool = True,
+                 pin_host: bool = False):
+        if n_layers <= 0:
+            raise ValueError(f"n_layers must be positive, got {n_layers}")
+        if device_bytes < 0 or host_bytes < 0:
+            raise ValueError(f"capacities must be non-negative, got device_bytes={device_bytes}, "
+                             f"host_bytes={host_bytes}")
+        self.files = [SafetensorsFile(f) for f in _checkpoint_files(checkpoint)]
+        self.names = []
+        for i in range(n_layers):
+            prefix = layer_prefix.format(i)
+            names = [(f, n) for f in self.files for n in f.keys() if n.startswith(prefix)]
+            if not names:
+                raise ValueError(f"no tensor in the checkpoint starts with {prefix!r}")
+            self.names.append(names)
+        self.layer_bytes = [sum(tensor_bytes(f[n]) for f, n in names) for names in self.names]
+        self.n_layers, self.device, self.prefetch = n_layers, torch.device(device), prefetch
+        self.pin_host = pin_host and torch.cuda.is_available()
+        self.device_tier, self.host_tier = _LRUTier(device_bytes), _LRUTier(host_bytes)
+        self._prefetched = set()
+        self.stats = {"device": 0, "prefetched": 0, "host": 0, "disk": 0,
+                      "bytes": {"disk->host": 0, "host->device": 0},
+                      "prefetch_bytes": {"disk->host": 0, "host->device": 0}}
+
+    # ---- moving one layer between tiers ---------------------------------------------------------
+
+    def _from_disk(self, i: int, counter: str) -> dict:
+        # Copy out of the mapping: the host tier owns its memory (pinned if asked), like a real
+        # loader filling a staging buffer from NVMe.
+        layer = {}
+        for f, name in self.names[i]:
+            t = f[name]
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin_host)
+            host.copy_(t)
+            layer[name] = host
+        self.stats[counter]["disk->host"] += self.layer_bytes[i]
+        return layer
+
+    def _to_device(self, layer: dict, i: int, counter: str) -> dict:
+        self.stats[counter]["host->device"] += self.layer_bytes[i]
+        if self.device.type == "cpu":
+            return {n: t.clone() for n, t in layer.items()}   # a real copy, as a transfer would be
+        return {n: t.to(self.device, non_blocking=self.pin_host) for n, t in layer.items()}
+
+    def _bring_to_device(self, i: int, counter: str, keep=()) -> tuple[dict, str]:
+        found = self.device_tier.get(i)
+        if found is not None:
+            return found, "device"
+        host = self.host_tier.get(i)
+        tier = "host"
+        if host is None:
+            host, tier = self._from_disk(i, counter), "disk"
+            self.host_tier.put(i, host, self.layer_bytes[i])
+        on_device = self._to_device(host, i, counter)
+        self.device_tier.put(i, on_device, self.layer_bytes[i], keep=keep)
+        return on_device, tier
+
+    # ---- public ---------------------------------------------------------------------------------
+
+    def get(self, i: int) -> dict:
+        """Layer ``i``'s tensors (name → tensor on ``device``); prefetches layer i+1 afterwards."""
+        if not 0 <= i < self.n_layers:
+            raise IndexError(f"layer {i} out of range [0, {self.n_layers})")
+        layer, tier = self._bring_to_device(i, "bytes")
+        if tier == "device" and i in self._prefetched:
+            tier = "prefetched"
+        self._prefetched.discard(i)
+        self.stats[tier] += 1
+        if self.prefetch and self.n_layers > 1:
+            nxt = (i + 1) % self.n_layers
+            if self.device_tier.get(nxt) is None:
+                self._bring_to_device(nxt, "prefetch_bytes", keep={i})
+                if self.device_tier.get(nxt) is not None:
+                    self._prefetched.add(nxt)
+            self.device_tier.get(i)  # keep layer i the most recent: it is the one in use
+        return layer
+
+    def hit_rate(self) -> float:
+        """Fraction of :meth:`get` calls served from the device tier (prefetched counts as a hit)."""
+        total = sum(self.stats[k] for k in ("device", "prefetched", "host", "disk"))
+        return (self.stats["device"] + self.stats["prefetched"]) / max(total, 1)
+
+    def simulated_seconds(self, disk_GBps: float, host_to_device_GBps: float,
+                          compute_seconds_per_layer: float = 0.0) -> dict:
+        """Time the recorded traffic would take: demand transfers stall the layer that needs them;
+        prefetch transfers overlap the previous layer's compute and stall only for the excess
+        (computed per layer on average). Returns seconds of stall, compute and their sum."""
+        def link_seconds(counter):
+            b = self.stats[counter]
+            return b["disk->host"] / (disk_GBps * 1e9) + b["host->device"] / (host_to_device_GBps * 1e9)
+        calls = sum(self.stats[k] for k in ("device", "prefetched", "host", "disk"))
+        compute = calls * compute_seconds_per_layer
+        prefetch = link_seconds("prefetch_bytes")
+        stall = link_seconds("bytes") + max(0.0, prefetch - compute)
+        return {"stall_s": stall, "compute_s": compute, "total_s": stall + compute}
+
+
+def pin_module(module: torch.nn.Module) -> torch.nn.Module:
+    """Move a CPU module's parameters and buffers into pinned (page-locked) memory, which the GPU can
+    copy from asynchronously with DMA. A no-op without CUDA (pinning needs a CUDA driver)."""
+    if torch.cuda.is_available():
+        for t in list(module.parameters()) + list(module.buffers()):
+            t.data = t.data.pin_memory()
+    return module
+
+
+def upload_weights(block: torch.nn.Module, device) -> dict:
+    """``block``'s state dict copied to ``device`` (``non_blocking``: asynchronous when the source is
+    pinned and the current stream is a CUDA side stream). On the CPU, real copies."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return {n: t.detach().clone() for n, t in block.state_dict().items()}
+    return {n: t.to(device, non_blocking=True) for n, t in block.state_dict().items()}
+
+
+def offloaded_forward(blocks, x: torch.Tensor, device=None) -> torch.Tensor:
+    """Run ``x`` through ``blocks`` (a sequence of modules whose weights stay in host memory) on
+    ``device``, holding at most two blocks' weights there: the one computing and the next one,
+    which is copied on a side stream meanwhile (CUDA), or synchronously (CPU).
+
+    Returns the output on ``device``; equals ``blocks[-1](...blocks[0](x))`` on the host.
+    """
+    device = torch.device(device if device is not None else x.device)
+    call = torch.func.functional_call
+    x = x.to(device)
+    if device.type != "cuda":
+        for block in blocks:
+            x = call(block, upload_weights(block, device), (x,))
+        return x
+    compute, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    with torch.cuda.stream(side):
+        upcoming = upload_weights(blocks[0], device)
+    for i, block in enumerate(blocks):
+        compute.wait_stream(side)               # block i's weights have arrived
+        weights = upcoming
+        for t in weights.values():
+            t.record_stream(compute)            # allocated on `side`, used on `compute`: don't recycle early
+        if i + 1 < len(blocks):
+            with torch.cuda.stream(side):       # overlaps the compute below
+                upcoming = upload_weights(blocks[i + 1], device)
+        x = call(block, weights, (x,))
+        del weights
+    return x
