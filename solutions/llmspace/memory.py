@@ -1,0 +1,692 @@
+"""Chapter 2 — memory strategies: where the bytes of a training step go, and how to make them fewer.
+
+Training memory has two parts that scale with different things:
+
+* **model states** — parameters, gradients, optimizer state (and fp32 master weights under mixed
+  precision) — scale with the number of parameters ``P``: ``P * bytes_per_param``. Sharding them over
+  ``N`` data-parallel ranks (ZeRO stages 1/2/3, FSDP) divides them by ``N``.
+* **activations** — the tensors autograd saves in the forward pass to compute the backward pass —
+  scale with ``batch * seq_len * layers * width``. Gradient accumulation keeps them at the
+  micro-batch's size; activation checkpointing trades them for a second forward pass.
+
+Everything here is *measured* first and *estimated* second, and the estimator is tested against the
+measurement: parameter/gradient/optimizer bytes come from the tensors themselves, activation bytes from
+``torch.autograd.graph.saved_tensors_hooks`` (every tensor autograd saves, de-duplicated by storage, minus
+the parameters' own storages, which are model state). The estimator also runs on a ``meta``-device model
+(no storage) to size a 7B or 70B configuration on a laptop.
+
+Conventions (the "16 vs 18 vs 20 bytes per parameter" disagreement) are a :class:`PrecisionPolicy`:
+public sources differ only in which copies they count — see :data:`PRECISION_POLICIES`.
+
+The transformer here (:class:`Transformer`) is a small pre-norm decoder that can take the shape of GPT-2
+(LayerNorm, GELU MLP, learned positions, biases) or of Llama (RMSNorm, SwiGLU, grouped-query attention,
+no biases; rotary embeddings omitted — they have no parameters).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "TransformerConfig", "Transformer", "SMALL_CONFIGS", "LLAMA2_7B", "LLAMA2_70B",
+    "PrecisionPolicy", "PRECISION_POLICIES", "MemoryBreakdown",
+    "count_parameters", "model_state_bytes", "block_activation_bytes", "activation_bytes",
+    "estimate_training_memory", "measure_training_memory", "saved_activation_bytes",
+    "SavedTensorLog", "accumulate_gradients", "checkpoint_segments", "checkpointed_activation_bytes",
+    "zero1_adam_step", "DynamicLossScaler", "tensor_bytes", "storage_bytes",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# A small transformer whose saved tensors we can count
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Shape of a pre-norm decoder-only transformer.
+
+    ``attention="sdpa"`` uses ``F.scaled_dot_product_attention`` (on CPU a FlashAttention-style kernel
+    that saves q, k, v, the output and one log-sum-exp per row: no ``seq_len**2`` term);
+    ``attention="math"`` writes softmax(QKᵀ)V out and saves the ``batch*heads*seq_len**2`` probabilities.
+    """
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    max_seq_len: int = 1024
+    n_kv_heads: int | None = None          # None: multi-head attention (= n_heads)
+    norm: str = "layernorm"                # "layernorm" | "rmsnorm"
+    mlp: str = "gelu"                      # "gelu" | "swiglu"
+    bias: bool = True
+    learned_positions: bool = True
+    tie_embeddings: bool = False
+    attention: str = "sdpa"                # "sdpa" | "math"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
+        for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu")),
+                              ("attention", ("sdpa", "math"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.attention == "math" and self.kv_heads != self.n_heads:
+            raise ValueError("attention='math' supports only n_kv_heads == n_heads")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+
+#: Three small shapes the estimator is tested on (GPT-2-like, Llama-like with GQA, explicit attention).
+SMALL_CONFIGS = {
+    "gpt-tiny": TransformerConfig(vocab_size=512, d_model=128, n_layers=4, n_heads=4, d_ff=512),
+    "llama-tiny": TransformerConfig(vocab_size=512, d_model=128, n_layers=4, n_heads=8, d_ff=352,
+                                    n_kv_heads=2, norm="rmsnorm", mlp="swiglu", bias=False,
+                                    learned_positions=False),
+    "gpt-math-attn": TransformerConfig(vocab_size=256, d_model=96, n_layers=3, n_heads=4, d_ff=384,
+                                       attention="math", tie_embeddings=True),
+}
+#: Llama-2 shapes (Touvron et al. 2023, Table 1 / the released config.json); 6,738,415,616 and
+#: 68,976,648,192 parameters.
+LLAMA2_7B = TransformerConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, d_ff=11008,
+                              max_seq_len=4096, norm="rmsnorm", mlp="swiglu", bias=False,
+                              learned_positions=False)
+LLAMA2_70B = replace(LLAMA2_7B, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672)
+
+
+def _norm(config: TransformerConfig) -> nn.Module:
+    if config.norm == "layernorm":
+        return nn.LayerNorm(config.d_model, bias=config.bias)
+    return nn.RMSNorm(config.d_model)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        kv = config.kv_heads * config.head_dim
+        self.qkv = nn.Linear(config.d_model, config.d_model + 2 * kv, bias=config.bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, d_model)
+        c, (B, T, _) = self.config, x.shape
+        kv = c.kv_heads * c.head_dim
+        q, k, v = self.qkv(x).split([c.d_model, kv, kv], dim=-1)
+        q = q.view(B, T, c.n_heads, c.head_dim).transpose(1, 2)       # (B, h, T, hd)
+        k = k.view(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
+        v = v.view(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
+        if c.attention == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=c.kv_heads != c.n_heads)
+        else:
+            scores = (q @ k.transpose(-2, -1)) * c.head_dim ** -0.5
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+            y = scores.masked_fill(mask, float("-inf")).softmax(dim=-1) @ v
+        return self.proj(y.transpose(1, 2).reshape(B, T, c.d_model))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.gated = config.mlp == "swiglu"
+        self.up = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
+        self.gate = nn.Linear(config.d_model, config.d_ff, bias=config.bias) if self.gated else None
+        self.down = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.norm1, self.attn = _norm(config), Attention(config)
+        self.norm2, self.mlp = _norm(config), MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model. ``forward(tokens)`` → logits ``(B, T, vocab)``;
+    ``loss(tokens, targets)`` → mean next-token cross-entropy (a 0-d tensor)."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos = nn.Embedding(config.max_seq_len, config.d_model) if config.learned_positions else None
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = _norm(config)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        if self.pos is not None:
+            x = x + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
+        return x
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self(tokens)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring: bytes of tensors, bytes autograd saves
+# --------------------------------------------------------------------------------------------------
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of the elements a tensor *views* (``numel * element_size``); works on ``meta`` tensors."""
+    return t.numel() * t.element_size()
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and repeated tensors counted once)."""
+    seen = {}
+    for t in tensors:
+        if t is None:
+            continue
+        s = t.untyped_storage()
+        seen[(s.device.type, s.data_ptr())] = s.nbytes()
+    return sum(seen.values())
+
+
+class SavedTensorLog:
+    """Context manager recording every tensor autograd saves for backward, by storage.
+
+    ``bytes`` is the size of the distinct storages saved, excluding storages listed in ``exclude``
+    (pass the model's parameters: they are model state, not activations). A storage that autograd
+    saves from several ops (q, k and v are views of one qkv output) is counted once.
+    """
+
+    def __init__(self, exclude=()):
+        self.excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        self.storages: dict[int, int] = {}
+        self.records: list[tuple[tuple, torch.dtype, int]] = []
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in self.excluded and s.data_ptr() not in self.storages:
+            self.storages[s.data_ptr()] = s.nbytes()
+            self.records.append((tuple(t.shape), t.dtype, s.nbytes()))
+        return t
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
+
+
+def saved_activation_bytes(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> int:
+    """Bytes autograd saves for backward during ``model.loss(tokens, targets)`` (storage-deduplicated,
+    parameters excluded). Runs one forward pass; the graph is freed before returning."""
+    with SavedTensorLog(exclude=list(model.parameters()) + list(model.buffers())) as log:
+        loss = model.loss(tokens, targets)
+    del loss
+    return log.bytes
+
+
+@dataclass
+class MemoryBreakdown:
+    """Training memory per rank, in bytes. ``total`` sums the fields; ``notes`` states the conventions."""
+    params: int = 0
+    grads: int = 0
+    master: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    notes: str = ""
+
+    @property
+    def model_states(self) -> int:
+        return self.params + self.grads + self.master + self.optimizer
+
+    @property
+    def total(self) -> int:
+        return self.model_states + self.activations
+
+    def as_dict(self) -> dict:
+        return {"params": self.params, "grads": self.grads, "master": self.master,
+                "optimizer": self.optimizer, "activations": self.activations, "total": self.total}
+
+
+def measure_training_memory(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor,
+                            optimizer: torch.optim.Optimizer) -> MemoryBreakdown:
+    """Run one training step and read every term off the tensors themselves.
+
+    params/grads: storages of ``model.parameters()`` and their ``.grad``; optimizer: every tensor in
+    ``optimizer.state`` (Adam's ``exp_avg``, ``exp_avg_sq`` and its 0-d ``step``); activations: bytes
+    saved for backward (:class:`SavedTensorLog`). Leaves the model one step further trained.
+    """
+    params = list(model.parameters())
+    optimizer.zero_grad(set_to_none=True)
+    with SavedTensorLog(exclude=params + list(model.buffers())) as log:
+        loss = model.loss(tokens, targets)
+    loss.backward()
+    optimizer.step()
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return MemoryBreakdown(params=storage_bytes(params), grads=storage_bytes(p.grad for p in params),
+                           optimizer=storage_bytes(state), activations=log.bytes,
+                           notes="measured: tensor storages; activations via saved_tensors_hooks")
+
+
+# --------------------------------------------------------------------------------------------------
+# Estimating: conventions, model states, activations
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """Bytes per parameter of each copy a training step keeps. Sources disagree on the total only
+    because they count different copies; each field says which copy it is."""
+    weights: float        # the weights the forward pass reads (fp32: 4, bf16/fp16: 2)
+    grads: float          # gradient buffers (incl. an fp32 "main grad" copy where one is kept)
+    master: float         # fp32 master weights the optimizer updates (0 when weights are fp32)
+    optimizer: float      # optimizer state (Adam: exp_avg + exp_avg_sq in fp32 = 8)
+    source: str = ""
+
+    @property
+    def bytes_per_param(self) -> float:
+        return self.weights + self.grads + self.master + self.optimizer
+
+
+PRECISION_POLICIES = {
+    # Plain fp32 training with Adam (what `torch.optim.Adam` on an fp32 model measures): 4+4+8.
+    "fp32": PrecisionPolicy(4, 4, 0, 8, "fp32 weights and grads, fp32 Adam moments"),
+    # ZeRO paper (Rajbhandari et al. 2020, §3.1): fp16 weights+grads, fp32 master+moments: 2+2+12.
+    "mixed-zero": PrecisionPolicy(2, 2, 4, 8, "ZeRO paper: 2 + 2 + K=12"),
+    # Megatron-LM distributed-optimizer table: bf16 weights, fp32 grads, fp32 master + moments: 18.
+    "bf16-fp32-grads": PrecisionPolicy(2, 4, 4, 8, "Megatron-LM: bf16 param, fp32 grad"),
+    # Megatron-LM: fp16 weights and fp16 grads plus an fp32 main-grad copy: 2 + (2+4) + 4 + 8 = 20.
+    "fp16-fp32-main-grads": PrecisionPolicy(2, 6, 4, 8, "Megatron-LM: fp16 param, fp16 grad + fp32 main grad"),
+    # Hugging Face "model memory anatomy": fp32 model + a half copy for autocast (6), fp32 grads, Adam 8.
+    "autocast-hf": PrecisionPolicy(6, 4, 0, 8, "HF docs: 4+2 weights, 4 grads, 8 Adam"),
+}
+
+
+def _policy(policy) -> PrecisionPolicy:
+    if isinstance(policy, PrecisionPolicy):
+        return policy
+    if policy in PRECISION_POLICIES:
+        return PRECISION_POLICIES[policy]
+    raise ValueError(f"policy must be a PrecisionPolicy or one of {sorted(PRECISION_POLICIES)}, got {policy!r}")
+
+
+def count_parameters(model_or_config) -> int:
+    """Number of distinct parameters (tied weights once). Accepts a module (any device, ``meta``
+    included: nothing is allocated) or a :class:`TransformerConfig` (built on ``meta``)."""
+    if isinstance(model_or_config, TransformerConfig):
+        with torch.device("meta"):
+            model_or_config = Transformer(model_or_config)
+    if not isinstance(model_or_config, nn.Module):
+        raise TypeError(f"model_or_config must be an nn.Module or TransformerConfig, "
+                        f"got {type(model_or_config).__name__}")
+    return sum(p.numel() for p in model_or_config.parameters())  # parameters() de-duplicates ties
+
+
+def model_state_bytes(n_params: int, policy: PrecisionPolicy, zero_stage: int = 0,
+                      world_size: int = 1) -> dict:
+    """Bytes of model states held by *one* data-parallel rank.
+
+    Args:
+        n_params: number of parameters of the model (int, > 0).
+        policy: a :class:`PrecisionPolicy`; each field is bytes per parameter of one copy.
+        zero_stage: 0 = plain data parallel (every rank holds everything); 1 = optimizer state and
+            fp32 master weights sharded; 2 = also gradients; 3 = also the weights.
+        world_size: number of data-parallel ranks ``N`` sharing the states.
+
+    Returns:
+        ``{"weights", "grads", "master", "optimizer"}`` → bytes (int) per rank. A sharded copy holds
+        ``ceil(n_params / N)`` parameters per rank (the last shard is padded, as ZeRO/FSDP do).
+    """
+    if not isinstance(n_params, int) or n_params <= 0:
+        raise ValueError(f"n_params must be a positive int, got {n_params!r}")
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    ### BEGIN SOLUTION
+    shard = -(-n_params // world_size)  # ceil: every rank pads to the same shard size
+    per_rank = {"weights": n_params if zero_stage < 3 else shard,
+                "grads": n_params if zero_stage < 2 else shard,
+                "master": n_params if zero_stage < 1 else shard,
+                "optimizer": n_params if zero_stage < 1 else shard}
+    return {k: int(math.ceil(per_rank[k] * getattr(policy, k))) for k in per_rank}
+    ### END SOLUTION
+
+
+def block_activation_bytes(config: TransformerConfig, batch_size: int, seq_len: int,
+                           dtype_bytes: int = 4) -> int:
+    """Bytes one transformer block saves for backward (pre-norm block of :class:`Transformer`).
+
+    Counts what PyTorch's autograd actually keeps (``B = batch_size``, ``T = seq_len``, ``d = d_model``,
+    ``f = d_ff``, ``h = n_heads``; big tensors in ``dtype_bytes``, norm/softmax statistics in fp32):
+
+    * each norm: its input ``x`` (B·T·d) and its output (B·T·d, saved by the next linear) plus fp32
+      statistics — LayerNorm mean and rstd (2·B·T), RMSNorm rstd (B·T) and the normalised ``x`` (B·T·d,
+      saved for the weight's gradient);
+    * attention, ``sdpa``: the qkv projection output (B·T·(d + 2·kv_heads·head_dim): q, k and v are views
+      of it), the attention output (B·T·d, input of the output projection) and one fp32 log-sum-exp per
+      row (B·h·T); ``math``: contiguous copies of q, kᵀ, v (3·B·T·d), the causal mask (T² bools), the
+      softmax probabilities (B·h·T²) and the attention output (B·T·d);
+    * MLP, ``gelu``: the up-projection output and the GELU output (2·B·T·f); ``swiglu``: gate, up, SiLU
+      output and the product (4·B·T·f).
+
+    The residual additions save nothing. Returns bytes (int).
+    """
+    if not isinstance(config, TransformerConfig):
+        raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("dtype_bytes", dtype_bytes)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    ### BEGIN SOLUTION
+    B, T, d, f, h = batch_size, seq_len, config.d_model, config.d_ff, config.n_heads
+    tokens = B * T
+    if config.norm == "layernorm":
+        norm = 2 * tokens * d * dtype_bytes + 2 * tokens * 4          # x, output; mean, rstd
+    else:
+        norm = 3 * tokens * d * dtype_bytes + tokens * 4              # x, normalised x, output; rstd
+    if config.attention == "sdpa":
+        qkv = tokens * (d + 2 * config.kv_heads * config.head_dim) * dtype_bytes
+        attention = qkv + tokens * d * dtype_bytes + B * h * T * 4     # + output, log-sum-exp
+    else:
+        attention = (4 * tokens * d + B * h * T * T) * dtype_bytes + T * T  # q,kᵀ,v,out; probs; mask
+    mlp = (4 if config.mlp == "swiglu" else 2) * tokens * f * dtype_bytes
+    return 2 * norm + attention + mlp
+    ### END SOLUTION
+
+
+def activation_bytes(config: TransformerConfig, batch_size: int, seq_len: int, dtype_bytes: int = 4,
+                     checkpoint_segments: int | None = None) -> int:
+    """Bytes saved for backward by a whole :meth:`Transformer.loss` call (peak, per rank).
+
+    Blocks (:func:`block_activation_bytes`) plus: int64 token ids (B·T) and position ids (T), the final
+    norm, the fp32-or-``dtype`` log-softmax output of the cross-entropy (B·T·vocab), the int64 targets
+    and a 4-byte total weight. With ``checkpoint_segments=k`` the blocks keep only each segment's input
+    (k·B·T·d) during the forward pass, and the backward pass recomputes one segment at a time, so the
+    peak is that plus the largest segment's activations: ``ceil(L/k)`` blocks.
+    """
+    c, B, T = config, batch_size, seq_len
+    block = block_activation_bytes(c, B, T, dtype_bytes)
+    tokens = B * T
+    final_norm = (2 * tokens * c.d_model * dtype_bytes + 2 * tokens * 4 if c.norm == "layernorm"
+                  else 3 * tokens * c.d_model * dtype_bytes + tokens * 4)
+    extra = (8 * tokens + (8 * T if c.learned_positions else 0)      # embedding indices
+             + final_norm + tokens * c.vocab_size * dtype_bytes       # log_softmax output
+             + 8 * tokens + 4)                                         # targets, total_weight
+    if checkpoint_segments is None:
+        return extra + c.n_layers * block
+    if not isinstance(checkpoint_segments, int) or not 1 <= checkpoint_segments <= c.n_layers:
+        raise ValueError(f"checkpoint_segments must be an int in [1, n_layers={c.n_layers}], "
+                         f"got {checkpoint_segments!r}")
+    per_segment = -(-c.n_layers // checkpoint_segments)
+    n_segments = -(-c.n_layers // per_segment)
+    return extra + n_segments * tokens * c.d_model * dtype_bytes + per_segment * block
+
+
+def estimate_training_memory(model_or_config, batch_size: int, seq_len: int, *, policy="fp32",
+                             activation_dtype_bytes: int = 4, zero_stage: int = 0, world_size: int = 1,
+                             checkpoint_segments: int | None = None) -> MemoryBreakdown:
+    """Estimate one rank's training memory without running anything.
+
+    ``model_or_config``: a :class:`Transformer` (any device, ``meta`` included) or a
+    :class:`TransformerConfig`. ``batch_size`` is the per-rank micro-batch. ``policy`` names the bytes per
+    parameter convention (:data:`PRECISION_POLICIES`). Returns a :class:`MemoryBreakdown` in bytes.
+    Not counted: temporary buffers inside kernels, the allocator's cache and fragmentation (see
+    :mod:`llmspace.allocator`), communication buffers, and the CUDA context (~0.3-1 GiB on a GPU).
+    """
+    if isinstance(model_or_config, Transformer):
+        config = model_or_config.config
+    elif isinstance(model_or_config, TransformerConfig):
+        config = model_or_config
+    else:
+        raise TypeError(f"model_or_config must be a Transformer or TransformerConfig, "
+                        f"got {type(model_or_config).__name__}")
+    policy = _policy(policy)
+    states = model_state_bytes(count_parameters(model_or_config), policy, zero_stage, world_size)
+    acts = activation_bytes(config, batch_size, seq_len, activation_dtype_bytes, checkpoint_segments)
+    return MemoryBreakdown(params=states["weights"], grads=states["grads"], master=states["master"],
+                           optimizer=states["optimizer"], activations=acts,
+                           notes=f"policy {policy.bytes_per_param:g} B/param ({policy.source}); "
+                                 f"ZeRO-{zero_stage} over {world_size} ranks; activations per rank")
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradient accumulation
+# --------------------------------------------------------------------------------------------------
+
+def accumulate_gradients(model: nn.Module, loss_fn, inputs: torch.Tensor, targets: torch.Tensor,
+                         n_micro_batches: int) -> torch.Tensor:
+    """Gradients of the *full-batch mean loss*, computed one micro-batch at a time.
+
+    Args:
+        model: any module; its ``.grad`` fields are overwritten (zeroed first).
+        loss_fn: ``loss_fn(model(x), y)`` → mean loss over the examples of ``x`` (a 0-d tensor).
+        inputs, targets: the full batch, examples along dim 0 (``len(inputs) == len(targets)``).
+        n_micro_batches: number of equal micro-batches; must divide the batch size.
+
+    Returns:
+        The full-batch mean loss (a detached 0-d tensor). Afterwards ``p.grad`` equals the gradient of
+        ``loss_fn(model(inputs), targets)`` while only one micro-batch's activations were alive at a time.
+    """
+    if not isinstance(n_micro_batches, int) or n_micro_batches < 1:
+        raise ValueError(f"n_micro_batches must be a positive int, got {n_micro_batches!r}")
+    if len(inputs) != len(targets):
+        raise ValueError(f"inputs and targets must have the same length, got {len(inputs)} and {len(targets)}")
+    if len(inputs) % n_micro_batches:
+        raise ValueError(f"n_micro_batches ({n_micro_batches}) must divide the batch size ({len(inputs)})")
+    ### BEGIN SOLUTION
+    for p in model.parameters():
+        p.grad = None
+    total = torch.zeros(())
+    for x, y in zip(inputs.chunk(n_micro_batches), targets.chunk(n_micro_batches)):
+        # each micro-batch loss is a mean over B/n examples: divide by n so the sum is the full mean
+        loss = loss_fn(model(x), y) / n_micro_batches
+        loss.backward()                  # frees this micro-batch's graph before the next forward
+        total += loss.detach()
+    return total
+    ### END SOLUTION
+
+
+# --------------------------------------------------------------------------------------------------
+# Activation checkpointing, from scratch
+# --------------------------------------------------------------------------------------------------
+
+class _Checkpoint(torch.autograd.Function):
+    """Run ``fn`` without saving anything; in backward, recompute it with grad enabled and back-prop.
+
+    ``log`` (a list or None) receives the bytes the recomputation saved — the extra memory the
+    backward pass needs for this segment."""
+
+    @staticmethod
+    def forward(ctx, fn, log, x, *params):
+        ctx.fn, ctx.log, ctx.n_params = fn, log, len(params)
+        ctx.save_for_backward(x)                      # the only tensor kept: the segment's input
+        with torch.no_grad():
+            return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        x = x.detach().requires_grad_(x.requires_grad)
+        params = [p for p in _segment_params(ctx.fn)]
+        with torch.enable_grad(), SavedTensorLog(exclude=params) as saved:
+            out = ctx.fn(x)
+        if ctx.log is not None:
+            ctx.log.append(saved.bytes)
+        inputs = ([x] if x.requires_grad else []) + params
+        grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+        grad_x = grads[0] if x.requires_grad else None
+        return (None, None, grad_x, *grads[len(inputs) - len(params):])
+
+
+def _segment_params(fn) -> list:
+    return list(fn.parameters()) if isinstance(fn, nn.Module) else []
+
+
+def checkpoint_segments(blocks, x: torch.Tensor, n_segments: int, log: list | None = None) -> torch.Tensor:
+    """Apply ``blocks`` (a sequence of modules) to ``x`` in ``n_segments`` checkpointed segments.
+
+    Each segment of ``ceil(len(blocks) / n_segments)`` consecutive blocks keeps only its input; its
+    activations are recomputed during backward (one extra forward per segment: ~1/3 more compute for
+    a forward+backward step). ``log`` receives the bytes each recomputation saved.
+    """
+    blocks = list(blocks)
+    if not isinstance(n_segments, int) or not 1 <= n_segments <= len(blocks):
+        raise ValueError(f"n_segments must be an int in [1, {len(blocks)}], got {n_segments!r}")
+    per_segment = -(-len(blocks) // n_segments)
+    for start in range(0, len(blocks), per_segment):
+        segment = nn.Sequential(*blocks[start:start + per_segment])
+        x = _Checkpoint.apply(segment, log, x, *segment.parameters())
+    return x
+
+
+def checkpointed_activation_bytes(model: Transformer, tokens: torch.Tensor, targets: torch.Tensor,
+                                  n_segments: int, use_torch: bool = False) -> dict:
+    """Measure a checkpointed :class:`Transformer` step: ``forward`` = bytes saved during the forward
+    pass, ``recompute`` = the largest segment recomputation, ``peak = forward + recompute``; also
+    returns the loss and the gradients (``grads``, list) so callers can check they are unchanged.
+
+    ``use_torch=True`` uses ``torch.utils.checkpoint.checkpoint`` (non-reentrant) for the segments
+    instead of :func:`checkpoint_segments`."""
+    params = list(model.parameters())
+    blocks = list(model.blocks)
+    recomputed: list[int] = []
+    for p in params:
+        p.grad = None
+    with SavedTensorLog(exclude=params + list(model.buffers())) as log:
+        x = model.embed_tokens(tokens)
+        if use_torch:
+            per_segment = -(-len(blocks) // n_segments)
+            for start in range(0, len(blocks), per_segment):
+                segment = nn.Sequential(*blocks[start:start + per_segment])
+                x = torch.utils.checkpoint.checkpoint(segment, x, use_reentrant=False)
+        else:
+            x = checkpoint_segments(blocks, x, n_segments, recomputed)
+        logits = model.head(model.norm(x))
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    forward = log.bytes
+    if use_torch:
+        # torch's non-reentrant checkpoint saves through our hook; count the recomputation separately
+        with SavedTensorLog(exclude=params) as rec:
+            loss.backward()
+        recomputed = [rec.bytes // max(n_segments, 1)]
+    else:
+        loss.backward()
+    return {"forward": forward, "recompute": max(recomputed, default=0),
+            "peak": forward + max(recomputed, default=0), "loss": loss.detach(),
+            "grads": [p.grad.clone() for p in params]}
+
+
+# --------------------------------------------------------------------------------------------------
+# ZeRO-1, simulated in one process (the distributed version is llmspace.parallel)
+# --------------------------------------------------------------------------------------------------
+
+def zero1_adam_step(flat_param: torch.Tensor, rank_grads: list, shard_states: list, step: int,
+                    lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8) -> torch.Tensor:
+    """One ZeRO-1 Adam step, with the ranks simulated as list entries.
+
+    Args:
+        flat_param: 1-D float tensor, all parameters flattened (``numel = n``); every rank holds it.
+        rank_grads: ``N`` 1-D tensors of length ``n``: rank ``r``'s local gradient (its micro-batch).
+        shard_states: ``N`` dicts, ``{"exp_avg": t, "exp_avg_sq": t}``, each of length
+            ``shard = ceil(n / N)``: rank ``r`` owns elements ``[r*shard, (r+1)*shard)`` of the padded
+            flat vector, and only its optimizer state. Updated in place.
+        step: the Adam step number after this update (1 for the first step), for bias correction.
+
+    Returns:
+        The new ``flat_param`` (length ``n``), as all ranks hold it after the all-gather. Equal to
+        ``torch.optim.Adam`` applied to the *mean* of the rank gradients (data-parallel semantics).
+
+    The three collectives of a real ZeRO-1 step: reduce-scatter (each rank receives the *average*
+    gradient of its shard), a local Adam update of the shard, all-gather of the updated shards.
+    """
+    n_ranks = len(rank_grads)
+    if n_ranks == 0 or len(shard_states) != n_ranks:
+        raise ValueError(f"need one shard state per rank, got {len(rank_grads)} grads and "
+                         f"{len(shard_states)} states")
+    if flat_param.dim() != 1 or any(g.shape != flat_param.shape for g in rank_grads):
+        raise ValueError(f"flat_param and every rank gradient must be 1-D of the same length, "
+                         f"got {tuple(flat_param.shape)} and {[tuple(g.shape) for g in rank_grads]}")
+    ### BEGIN SOLUTION
+    n = flat_param.numel()
+    shard = -(-n // n_ranks)
+    pad = shard * n_ranks - n
+    padded_param = F.pad(flat_param, (0, pad))
+    # reduce-scatter(avg): rank r receives mean over ranks of the gradient slice it owns
+    mean_grad = F.pad(torch.stack(rank_grads).mean(0), (0, pad))
+    beta1, beta2 = betas
+    new_shards = []
+    for r, state in enumerate(shard_states):
+        p = padded_param[r * shard:(r + 1) * shard]
+        g = mean_grad[r * shard:(r + 1) * shard]
+        state["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        m_hat = state["exp_avg"] / (1 - beta1 ** step)
+        v_hat = state["exp_avg_sq"] / (1 - beta2 ** step)
+        new_shards.append(p - lr * m_hat / (v_hat.sqrt() + eps))
+    return torch.cat(new_shards)[:n]     # all-gather, then drop the padding
+    ### END SOLUTION
+
+
+# --------------------------------------------------------------------------------------------------
+# Mixed precision: fp16 loss scaling
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class DynamicLossScaler:
+    """fp16 loss scaling (the algorithm of ``torch.amp.GradScaler``): multiply the loss by ``scale``
+    before backward so small gradients do not flush to zero in fp16 (smallest subnormal 6e-8); unscale
+    before the step; on inf/NaN skip the step and halve the scale; after ``growth_interval`` clean steps
+    double it. bf16 has fp32's exponent range and needs none of this."""
+    scale: float = 2.0 ** 16
+    growth_interval: int = 2000
+    clean_steps: int = 0
+    skipped: int = field(default=0)
+
+    def unscale_and_check(self, grads) -> bool:
+        """Divide ``grads`` in place by the scale; True when all are finite (the step may proceed)."""
+        finite = True
+        for g in grads:
+            if g is None:
+                continue
+            g.div_(self.scale)
+            finite &= bool(torch.isfinite(g).all())
+        if not finite:
+            self.scale /= 2
+            self.clean_steps, self.skipped = 0, self.skipped + 1
+        else:
+            self.clean_steps += 1
+            if self.clean_steps == self.growth_interval:
+                self.scale, self.clean_steps = self.scale * 2, 0
+        return finite

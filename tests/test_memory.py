@@ -1,0 +1,189 @@
+"""llmspace.memory: the estimator against measurement, accumulation, checkpointing, ZeRO-1, loss scaling.
+
+References nobody here wrote: the tensors' own storages and PyTorch autograd's saved tensors
+(``torch.autograd.graph.saved_tensors_hooks``), full-batch ``torch.autograd`` gradients,
+``torch.utils.checkpoint``, ``torch.optim.Adam``, ``torch.amp.GradScaler``, the published Llama-2
+parameter counts and the ZeRO paper's worked example (Rajbhandari et al. 2020, Figure 1).
+"""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmspace.memory import (LLAMA2_7B, LLAMA2_70B, PRECISION_POLICIES, SMALL_CONFIGS, DynamicLossScaler,
+                             SavedTensorLog, Transformer, TransformerConfig, accumulate_gradients,
+                             activation_bytes, block_activation_bytes, checkpointed_activation_bytes,
+                             count_parameters, estimate_training_memory, measure_training_memory,
+                             model_state_bytes, saved_activation_bytes, zero1_adam_step)
+
+
+def _batch(config, B, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, config.vocab_size, (B, T), generator=g),
+            torch.randint(0, config.vocab_size, (B, T), generator=g))
+
+
+@pytest.mark.parametrize("name", list(SMALL_CONFIGS))
+@pytest.mark.parametrize("B, T", [(2, 32), (4, 64)])
+def test_estimator_agrees_with_measurement(name, B, T):
+    """Every term of the estimate within 5% of what one real Adam step holds: parameter, gradient and
+    optimizer bytes read from the tensors, activation bytes from autograd's saved-tensor hooks."""
+    config = SMALL_CONFIGS[name]
+    torch.manual_seed(0)
+    model = Transformer(config)
+    measured = measure_training_memory(model, *_batch(config, B, T), torch.optim.Adam(model.parameters()))
+    estimated = estimate_training_memory(model, B, T, policy="fp32")
+    for key in ("params", "grads", "optimizer", "activations", "total"):
+        got, want = getattr(estimated, key), getattr(measured, key)
+        assert got == pytest.approx(want, rel=0.05), (key, got, want)
+    assert estimated.activations == measured.activations   # the activation count is exact
+    assert measured.params == 4 * count_parameters(model)
+
+
+def test_block_activation_bytes_is_one_layer():
+    """Adding a layer adds exactly block_activation_bytes to what autograd saves."""
+    for config in SMALL_CONFIGS.values():
+        small = TransformerConfig(**{**config.__dict__, "n_layers": 1})
+        big = TransformerConfig(**{**config.__dict__, "n_layers": 2})
+        torch.manual_seed(0)
+        tokens, targets = _batch(config, 3, 24)
+        delta = saved_activation_bytes(Transformer(big), tokens, targets) - \
+            saved_activation_bytes(Transformer(small), tokens, targets)
+        assert delta == block_activation_bytes(config, 3, 24)
+
+
+def test_bf16_model_activations():
+    """A pure-bf16 model: the big tensors halve, norm/softmax statistics stay fp32 (measured)."""
+    config = SMALL_CONFIGS["gpt-tiny"]
+    torch.manual_seed(0)
+    model = Transformer(config).to(torch.bfloat16)
+    tokens, targets = _batch(config, 2, 32)
+    measured = saved_activation_bytes(model, tokens, targets)
+    assert activation_bytes(config, 2, 32, dtype_bytes=2) == pytest.approx(measured, rel=0.05)
+
+
+def test_llama2_on_meta_device():
+    """Parameter counts of the released Llama-2 7B and 70B checkpoints, from meta tensors (no memory)."""
+    assert count_parameters(LLAMA2_7B) == 6_738_415_616
+    assert count_parameters(LLAMA2_70B) == 68_976_648_192
+    with torch.device("meta"):
+        model = Transformer(LLAMA2_70B)
+    assert all(p.is_meta for p in model.parameters())
+    est = estimate_training_memory(model, 1, 4096, policy="mixed-zero", activation_dtype_bytes=2,
+                                   zero_stage=3, world_size=64)
+    assert est.params == 2 * -(-68_976_648_192 // 64)
+    assert est.optimizer == 8 * -(-68_976_648_192 // 64)
+
+
+def test_bytes_per_parameter_conventions():
+    """16 (fp32 / ZeRO paper), 18 (Megatron bf16 + fp32 grads, HF autocast), 20 (fp16 + fp32 main grads)."""
+    per_param = {k: p.bytes_per_param for k, p in PRECISION_POLICIES.items()}
+    assert per_param == {"fp32": 16, "mixed-zero": 16, "bf16-fp32-grads": 18,
+                         "fp16-fp32-main-grads": 20, "autocast-hf": 18}
+
+
+def test_zero_paper_example():
+    """ZeRO paper, Figure 1: Ψ = 7.5B, N = 64, K = 12 → 120, 31.4, 16.6, 1.88 GB per device."""
+    psi, policy = 7_500_000_000, PRECISION_POLICIES["mixed-zero"]
+    totals = [sum(model_state_bytes(psi, policy, stage, 64).values()) / 1e9 for stage in range(4)]
+    assert totals == pytest.approx([120, 31.4, 16.6, 1.88], abs=0.05)
+
+
+def test_model_state_bytes_bad_input():
+    policy = PRECISION_POLICIES["fp32"]
+    with pytest.raises(ValueError, match="zero_stage"):
+        model_state_bytes(10, policy, 4, 2)
+    with pytest.raises(ValueError, match="world_size"):
+        model_state_bytes(10, policy, 1, 0)
+    with pytest.raises(ValueError, match="n_params"):
+        model_state_bytes(-1, policy)
+    with pytest.raises(TypeError, match="model_or_config"):
+        estimate_training_memory("gpt", 1, 1)
+    with pytest.raises(ValueError, match="policy"):
+        estimate_training_memory(SMALL_CONFIGS["gpt-tiny"], 1, 1, policy="fp8")
+    with pytest.raises(ValueError, match="d_model"):
+        TransformerConfig(vocab_size=10, d_model=10, n_layers=1, n_heads=3, d_ff=4)
+
+
+def test_gradient_accumulation_matches_large_batch():
+    """Accumulated micro-batch gradients equal the full-batch gradient (torch autograd on the whole
+    batch), while the activations saved at any time are those of one micro-batch."""
+    config = SMALL_CONFIGS["gpt-tiny"]
+    torch.manual_seed(0)
+    model = Transformer(config)
+    tokens, targets = _batch(config, 8, 32)
+
+    def loss_fn(logits, y):
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    full = loss_fn(model(tokens), targets)
+    full.backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    loss = accumulate_gradients(model, loss_fn, tokens, targets, 4)
+    assert float(loss) == pytest.approx(float(full.detach()), rel=1e-6)
+    for p, g in zip(model.parameters(), reference):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    # activations: one micro-batch of 2 sequences at a time vs 8
+    assert activation_bytes(config, 2, 32) < 0.3 * activation_bytes(config, 8, 32)
+    with SavedTensorLog(exclude=list(model.parameters())) as log:
+        model.loss(tokens[:2].clone(), targets[:2].clone())   # a slice would save the whole batch storage
+    assert log.bytes == activation_bytes(config, 2, 32)
+    with pytest.raises(ValueError, match="divide"):
+        accumulate_gradients(model, loss_fn, tokens, targets, 3)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_checkpointing_same_gradients_fewer_bytes(k):
+    """Our segment checkpointing and torch.utils.checkpoint give the plain gradients; the measured peak
+    (forward saves + one segment's recomputation) equals the estimator's."""
+    config = TransformerConfig(vocab_size=128, d_model=64, n_layers=4, n_heads=4, d_ff=256)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    tokens, targets = _batch(config, 2, 32)
+    model.loss(tokens, targets).backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    ours = checkpointed_activation_bytes(model, tokens, targets, k)
+    theirs = checkpointed_activation_bytes(model, tokens, targets, k, use_torch=True)
+    for a, b, c in zip(ours["grads"], theirs["grads"], reference):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6)
+    assert ours["forward"] == theirs["forward"]            # both keep only segment inputs
+    assert ours["peak"] == activation_bytes(config, 2, 32, checkpoint_segments=k)
+    assert ours["forward"] < activation_bytes(config, 2, 32) / 4
+
+
+@pytest.mark.parametrize("n, world", [(10, 2), (11, 3), (7, 4)])
+def test_zero1_step_matches_adam(n, world):
+    """Simulated ZeRO-1 over `world` ranks = torch.optim.Adam on the mean gradient, for 3 steps
+    (shards padded when n is not a multiple of world)."""
+    torch.manual_seed(n)
+    param = torch.randn(n)
+    ref = nn.Parameter(param.clone())
+    adam = torch.optim.Adam([ref], lr=0.1)
+    shard = -(-n // world)
+    states = [{"exp_avg": torch.zeros(shard), "exp_avg_sq": torch.zeros(shard)} for _ in range(world)]
+    flat = param.clone()
+    for step in range(1, 4):
+        grads = [torch.randn(n) for _ in range(world)]
+        ref.grad = torch.stack(grads).mean(0)
+        adam.step()
+        flat = zero1_adam_step(flat, grads, states, step, lr=0.1)
+        torch.testing.assert_close(flat, ref.detach(), rtol=1e-6, atol=1e-6)
+    full_m = torch.cat([s["exp_avg"] for s in states])[:n]
+    torch.testing.assert_close(full_m, adam.state[ref]["exp_avg"])
+
+
+def test_loss_scaler_matches_grad_scaler():
+    """Scale sequence of DynamicLossScaler = torch.amp.GradScaler's on the same overflow pattern."""
+    p = nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([p], lr=0.0)
+    theirs = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+    ours = DynamicLossScaler(scale=1024.0, growth_interval=2)
+    for overflow in [False, False, True, False, False, False, True, True, False]:
+        grad = torch.tensor([1.0, float("inf") if overflow else 2.0, 3.0])
+        theirs.scale(torch.ones(()))                       # initialises the scale tensor
+        p.grad = grad * theirs.get_scale()
+        theirs.step(opt)
+        theirs.update()
+        stepped = ours.unscale_and_check([grad * ours.scale])
+        assert stepped is not overflow
+        assert ours.scale == theirs.get_scale()
