@@ -1,0 +1,279 @@
+"""Checks for chapter 6 (ex06_storage). References: the ``safetensors`` library (it writes every test file
+and reads the expected tensors), ``huggingface_hub.split_torch_state_dict_into_shards`` for sharding,
+``functools.lru_cache`` (and a brute-force list LRU for mixed sizes) for the cache."""
+from __future__ import annotations
+
+import functools
+import json
+import tracemalloc
+import warnings
+
+import numpy as np
+import safetensors.torch as st
+import torch
+
+from autograder.checks import Checker
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int8,
+           torch.uint8, torch.bool, torch.float64, torch.int16]
+
+
+def _sample(dtype, shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) > 0.5
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=g).to(dtype)
+    return torch.randint(-100 if dtype != torch.uint8 else 0, 100, shape, generator=g).to(dtype)
+
+
+def _craft(header, data=b"", length=None):
+    text = json.dumps(header).encode()
+    return (len(text) if length is None else length).to_bytes(8, "little") + text + data
+
+
+def _reference_header(blob: bytes):
+    """What the header says, read with json alone; dtype/shape cross-checked by safetensors.load."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    metadata = header.pop("__metadata__", None) or {}
+    loaded = st.load(blob)
+    for name, info in header.items():
+        assert list(loaded[name].shape) == info["shape"]
+    return header, metadata, 8 + n
+
+
+def _valid_files(hidden: bool):
+    if not hidden:
+        return [
+            ("two fp32 tensors", st.save({"w": _sample(torch.float32, (2, 3), 0),
+                                          "b": _sample(torch.float32, (3,), 1)})),
+            ("with __metadata__", st.save({"x": _sample(torch.int8, (4,), 2)}, metadata={"format": "pt"})),
+        ]
+    mixed = {f"t{i}": _sample(d, (i % 3 + 1, 2), i) for i, d in enumerate(_DTYPES)}
+    return [
+        ("every dtype", st.save(mixed)),
+        ("scalar and empty tensors", st.save({"s": torch.tensor(2.5), "e": torch.zeros(0, 7),
+                                              "v": torch.arange(5)})),
+        ("no tensors", st.save({})),
+        ("bf16 with metadata", st.save({"layer.0.weight": _sample(torch.bfloat16, (8, 4), 3)},
+                                       metadata={"step": "1000"})),
+    ]
+
+
+_F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+_VISIBLE_BAD = [
+    ("truncated file (3 bytes)", b"\x10\x00\x00", "a file shorter than the 8-byte length"),
+    ("unknown dtype", _craft({"a": {"dtype": "F17", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
+     "dtype 'F17' is not a safetensors dtype"),
+    ("overlapping tensors", _craft({"a": _F32, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+                                   bytes(12)), "two tensors' byte ranges overlap"),
+]
+_HIDDEN_BAD = [
+    ("header length larger than the file", _craft({"a": _F32}, bytes(8), length=10_000),
+     "the header length points past the end of the file"),
+    ("shape does not match the byte count", _craft({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},
+                                                   bytes(8)), "prod(shape) * element size must equal end - begin"),
+    ("offsets past the end of the data", _craft({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}},
+                                                bytes(8)), "a tensor's end offset must lie within the data section"),
+    ("gap between tensors", _craft({"a": _F32, "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]}},
+                                   bytes(16)), "the tensors must cover the data section without gaps"),
+    ("bytes after the last tensor", _craft({"a": _F32}, bytes(20)),
+     "the tensors must cover the data section exactly"),
+    ("header is a JSON list", _craft([1, 2]), "the header must be a JSON object"),
+    ("begin > end", _craft({"a": {"dtype": "U8", "shape": [0], "data_offsets": [4, 0]}}, bytes(4)),
+     "data_offsets must satisfy begin <= end"),
+]
+
+
+def check_parse_safetensors_header(impl, *, hidden: bool = False) -> None:
+    """Header parsing: tensors, metadata and data_start as the file says; malformed files rejected."""
+    c = Checker("parse_safetensors_header", impl, hidden)
+    for name, blob in _valid_files(hidden):
+        got = c.call(name, blob)
+        c.expect_type(name, got, tuple)
+        if len(got) != 3:
+            c.fail(name, f"must return (tensors, metadata, data_start), got {len(got)} values")
+        tensors, metadata, data_start = got
+        ref_tensors, ref_metadata, ref_start = _reference_header(blob)
+        if "__metadata__" in tensors:
+            c.fail(name, "'__metadata__' is not a tensor: return it separately as metadata")
+        if not isinstance(tensors, dict) or set(tensors) != set(ref_tensors):
+            c.fail(name, f"tensors must be a dict with the names {sorted(ref_tensors)}, got "
+                         + (f"{sorted(tensors)}" if isinstance(tensors, dict) else type(tensors).__name__))
+        for key, info in ref_tensors.items():
+            mine = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(tensors[key]).items()}
+            for field in ("dtype", "shape", "data_offsets"):
+                if mine.get(field) != info[field]:
+                    c.fail(name, f"tensor {key!r}: {field} is {mine.get(field)!r}, the file says {info[field]!r}")
+        if metadata != ref_metadata:
+            c.fail(name, f"metadata is {metadata!r}, expected {ref_metadata!r} ({{}} when absent)")
+        if data_start != ref_start:
+            c.fail(name, f"data_start is {data_start!r}, expected {ref_start} (8 + header length)")
+    for name, blob, what in (_HIDDEN_BAD if hidden else _VISIBLE_BAD):
+        c.expect_raises(name, ValueError, blob, what=what)
+    if hidden:
+        blob = (4 << 30).to_bytes(8, "little") + b'{"a":1}  '
+        tracemalloc.start()
+        try:
+            c.expect_raises("4 GB header length", ValueError, blob,
+                            what="a header length larger than the file must be rejected")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        if peak > 1 << 24:
+            c.fail("4 GB header length", f"allocated {peak / 2**20:.0f} MiB before rejecting a hostile "
+                                         f"header length: check the length against the file size first")
+    c.expect_raises("not bytes", TypeError, "a string", what="buf must be bytes-like")
+
+
+def check_read_tensor(impl, *, hidden: bool = False) -> None:
+    """One tensor by its offsets: dtype, shape and values as safetensors.load; a writable copy."""
+    c = Checker("read_tensor", impl, hidden)
+    cases = []
+    for file_name, blob in _valid_files(hidden):
+        for key in st.load(blob):
+            cases.append((f"{file_name}: {key}", blob, key))
+    for name, blob, key in cases:
+        expected = st.load(blob)[key]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = c.call(name, blob, key)
+        if caught:
+            c.fail(name, f"emitted a warning ({caught[0].message}); torch.frombuffer on read-only "
+                         f"bytes warns — copy the bytes into a bytearray first")
+        c.expect_type(name, got, torch.Tensor)
+        if got.dtype != expected.dtype or tuple(got.shape) != tuple(expected.shape):
+            c.fail(name, f"got dtype {got.dtype} and shape {tuple(got.shape)}, expected "
+                         f"{expected.dtype} and {tuple(expected.shape)}")
+        if not torch.equal(got, expected):
+            c.fail(name, "wrong values: read data_start + begin .. data_start + end of the file")
+        if got.numel():
+            before = bytearray(blob)
+            got.reshape(-1).view(torch.uint8)[0] ^= 1  # the result must own its memory
+            if bytearray(blob) != before:
+                c.fail(name, "the tensor shares memory with buf: writing to it changed the file bytes")
+    c.expect_raises("missing name", KeyError, _valid_files(False)[0][1], "no_such_tensor",
+                    what="a name that is not in the file")
+    if hidden:
+        c.expect_raises("malformed file", ValueError, _HIDDEN_BAD[3][1], "a",
+                        what="a malformed file must be rejected (parse the header first)")
+
+
+def _hub_split(state_dict, limit):
+    from huggingface_hub import split_torch_state_dict_into_shards
+    return split_torch_state_dict_into_shards(state_dict, max_shard_size=limit)
+
+
+def _state_dicts(hidden: bool):
+    if not hidden:
+        sd = {f"layers.{i}.weight": _sample(torch.float32, (10, 10), i) for i in range(4)}   # 400 bytes each
+        return [("4 x 400 bytes, limit 1000", sd, 1000), ("limit 10**9: one shard", sd, 10**9)]
+    mixed = {"embed": _sample(torch.bfloat16, (100, 8), 0), "a": _sample(torch.int8, (50,), 1),
+             "b": _sample(torch.float32, (30,), 2), "huge": _sample(torch.float32, (1000,), 3),
+             "c": _sample(torch.int64, (20,), 4), "d": _sample(torch.float32, (5,), 5)}
+    exact = {f"w{i}": _sample(torch.float32, (25,), 10 + i) for i in range(5)}   # 100 bytes each
+    return [("shard exactly full", exact, 200),
+            ("oversized tensor in the middle", mixed, 1700),
+            ("bytes, not elements (bf16/int8/int64)", mixed, 2000),
+            ("limit smaller than every tensor", exact, 10),
+            ("empty state dict", {}, 100)]
+
+
+def check_shard_state_dict(impl, *, hidden: bool = False) -> None:
+    """Greedy sharding under a byte limit, with a transformers-style index (huggingface_hub reference)."""
+    c = Checker("shard_state_dict", impl, hidden)
+    for name, sd, limit in _state_dicts(hidden):
+        args = ({k: tuple(v.shape) for k, v in sd.items()}, limit)
+        got = c.call(name, sd, limit)
+        if not isinstance(got, tuple) or len(got) != 2:
+            c.fail(name, "must return (shards, index)", args)
+        shards, index = got
+        ref = _hub_split(sd, limit)
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        if not isinstance(index, dict) or set(index) != {"metadata", "weight_map"}:
+            c.fail(name, "index must be a dict with keys 'metadata' and 'weight_map'", args)
+        if index["metadata"] != {"total_size": total}:
+            c.fail(name, f"index['metadata'] is {index['metadata']!r}, expected {{'total_size': {total}}} "
+                         f"(the sum of numel * element_size over all tensors)", args)
+        if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+            c.fail(name, "shards must be a list of dicts", args)
+        groups = sorted(sorted(s) for s in shards)
+        expected = sorted(sorted(v) for v in ref.filename_to_tensors.values()) if sd else []
+        if groups != expected:
+            c.fail(name, f"wrong grouping: got {len(shards)} shards "
+                         + ("" if hidden else f"{groups}, expected {expected}"), args)
+        for s in shards:
+            for k, v in s.items():
+                ref_t = sd.get(k)
+                if not (isinstance(v, torch.Tensor) and ref_t is not None and v.dtype == ref_t.dtype
+                        and v.shape == ref_t.shape and torch.equal(v, ref_t)):
+                    c.fail(name, f"shard entry {k!r} must be the state dict's tensor", args)
+        n = len(shards)
+        names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        if set(index["weight_map"]) != set(sd):
+            c.fail(name, "weight_map must name every tensor exactly once", args)
+        for i, s in enumerate(shards):
+            for k in s:
+                if index["weight_map"][k] != names[i]:
+                    c.fail(name, f"weight_map[{k!r}] is {index['weight_map'][k]!r}, expected {names[i]!r} "
+                                 f"(shard {i + 1} of {n}, numbered from 1, 5 digits)", args)
+    if hidden:
+        c.expect_raises("limit 0", ValueError, {"a": torch.zeros(1)}, 0, what="max_shard_bytes must be positive")
+        c.expect_raises("limit 1.5", TypeError, {"a": torch.zeros(1)}, 1.5, what="max_shard_bytes must be an int")
+
+
+def _brute_lru(accesses, sizes, capacity):
+    """A list kept in recency order (most recent last); obviously correct, O(n * cache)."""
+    cache, hits, misses, loaded, evictions = [], 0, 0, 0, 0
+    for layer in accesses:
+        if layer in cache:
+            hits += 1
+            cache.remove(layer)
+            cache.append(layer)
+            continue
+        misses += 1
+        loaded += sizes[layer]
+        if sizes[layer] > capacity:
+            continue
+        while sum(sizes[x] for x in cache) + sizes[layer] > capacity:
+            cache.pop(0)
+            evictions += 1
+        cache.append(layer)
+    return {"hits": hits, "misses": misses, "bytes_loaded": loaded, "evictions": evictions}
+
+
+def check_simulate_lru(impl, *, hidden: bool = False) -> None:
+    """LRU replay: hits/misses as functools.lru_cache for equal sizes; bytes and evictions for mixed sizes."""
+    c = Checker("simulate_lru", impl, hidden)
+    rng = np.random.default_rng(6)
+    if not hidden:
+        cases = [("cyclic scan, room for 2 of 3", [0, 1, 2] * 3, [100] * 3, 200),
+                 ("repeat access is a hit", [0, 0, 1, 0], [100] * 2, 200),
+                 ("a hit refreshes recency", [0, 1, 0, 2, 0], [100] * 3, 200)]
+    else:
+        cases = [("cyclic scan, room for all", list(range(5)) * 3, [10] * 5, 50),
+                 ("random, equal sizes", rng.integers(0, 8, 120).tolist(), [7] * 8, 28),
+                 ("back and forth", (list(range(6)) + list(range(5, -1, -1))) * 2, [3] * 6, 9),
+                 ("mixed sizes", rng.integers(0, 6, 80).tolist(), [5, 1, 9, 3, 4, 2], 12),
+                 ("layer larger than the cache", [0, 1, 2, 0, 1, 2], {0: 4, 1: 30, 2: 4}, 10),
+                 ("capacity 0", [0, 1, 0], [1, 1], 0),
+                 ("no accesses", [], [1], 5)]
+    for name, accesses, sizes, capacity in cases:
+        args = (accesses, sizes, capacity)
+        got = c.call(name, *args)
+        c.expect_type(name, got, dict, args)
+        expected = _brute_lru(accesses, sizes, capacity)
+        equal = list(sizes.values()) if isinstance(sizes, dict) else sizes
+        if len(set(equal)) == 1 and equal[0] <= capacity:   # cross-check with the standard library
+            cached = functools.lru_cache(maxsize=capacity // equal[0])(lambda i: i)
+            for i in accesses:
+                cached(i)
+            info = cached.cache_info()
+            assert (info.hits, info.misses) == (expected["hits"], expected["misses"])
+        for key in ("hits", "misses", "bytes_loaded", "evictions"):
+            if got.get(key) != expected[key]:
+                c.fail(name, f"{key} is {got.get(key)!r}"
+                             + ("" if hidden else f", expected {expected[key]}"), args)
+    if hidden:
+        c.expect_raises("negative capacity", ValueError, [0], [1], -1, what="capacity_bytes must be >= 0")
