@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TRITON_INTERPRET := 1
 ASSIGNMENTS := $(notdir $(wildcard exercises/source/ex*))
 
-.PHONY: help venv book serve exercises sync test test-fast chromium benchmarks clean
+.PHONY: help venv book serve exercises sync test test-fast chromium postgres benchmarks clean
 
 help:
 	@echo "make book        build the executed book into _build/html (creates .venv on first use)"
@@ -57,7 +57,17 @@ chromium:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || exit 1; \
 	else echo "chromium missing and not root: the browser test will be skipped (apt-get install chromium)"; fi
 
-test: venv book chromium
+# PostgreSQL for the shared-gradebook test (Debian's server, started here; SQLite stays the default).
+postgres:
+	@if [ "$$(id -u)" != 0 ]; then echo "not root: the PostgreSQL gradebook test will be skipped"; exit 0; fi; \
+	command -v pg_ctlcluster >/dev/null || (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || exit 1; \
+	service postgresql start >/dev/null; \
+	for i in $$(seq 30); do su postgres -c "psql -qAtc 'select 1'" >/dev/null 2>&1 && break; sleep 1; done; \
+	su postgres -c "psql -qAtc \"select 1 from pg_roles where rolname='root'\"" | grep -q 1 || \
+	  su postgres -c "createuser --superuser root"
+
+test: venv book chromium postgres
 	$(PY) -m pytest -n 2 --durations=15
 
 test-fast: venv
@@ -65,6 +75,10 @@ test-fast: venv
 
 benchmarks: venv
 	$(PY) benchmarks/sparse_spmv.py
+	$(PY) benchmarks/prune_tiny_lm.py
+	$(PY) benchmarks/prune_minilm.py
+	$(PY) benchmarks/distill_tiny_lm.py
+	$(PY) benchmarks/distill_minilm.py
 
 clean:
 	rm -rf _build exercises/release exercises/autograded exercises/feedback exercises/gradebook.db

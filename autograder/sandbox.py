@@ -43,6 +43,8 @@ import cloudpickle
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = ROOT / "solutions" / "llmspace"
 MAX_REPLY_BYTES = 256 * 2**20
+SLOT_DIR = Path("/run/llmspace-sandbox")  # one lock file per slot: slot N runs as user llmspace-sbx-N
+MAX_SLOTS = 32
 _SOLUTION = re.compile(r"^([ \t]*)### BEGIN SOLUTION\n.*?^[ \t]*### END SOLUTION[ \t]*\n", re.M | re.S)
 
 
@@ -168,8 +170,11 @@ class Sandbox:
                "PYTHONPATH": "", "PYTHONDONTWRITEBYTECODE": "1", "MPLBACKEND": "Agg",
                "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TRITON_INTERPRET": "1", "PYTHONHASHSEED": "0"}
+        self.uid = None
         if self.isolated:
+            self.slot = self._acquire_slot()
             uid, gid = _slot_user(self.slot)
+            self.uid = uid
             venv = Path(sys.prefix)
             keep = sorted({str(venv), str(Path(sys.base_prefix))})
             hide = sorted({str(ROOT), str(self.stage.parent), "/root", "/home",
@@ -221,6 +226,11 @@ class Sandbox:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+        if self.isolated and getattr(self, "uid", None) is not None:
+            self._wait_until_gone(self.uid)
+        if getattr(self, "_slot_fd", None) is not None:
+            os.close(self._slot_fd)  # releases the slot's lock
+            self._slot_fd = None
         for fd in (getattr(self, "cmd_w", None), getattr(self, "reply_r", None)):
             if fd is not None:
                 try:
@@ -230,6 +240,47 @@ class Sandbox:
         self.cmd_w = self.reply_r = None
         if hasattr(self, "stage"):
             shutil.rmtree(self.stage, ignore_errors=True)
+
+    def _acquire_slot(self) -> int:
+        """A machine-wide exclusive slot (and so its user): graders in other processes use other slots."""
+        import fcntl
+        SLOT_DIR.mkdir(parents=True, exist_ok=True)
+        for attempt in range(600):
+            for k in range(MAX_SLOTS):
+                slot = (self.slot + k) % MAX_SLOTS
+                fd = os.open(SLOT_DIR / f"slot-{slot}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                self._slot_fd = fd
+                return slot
+            time.sleep(0.1)
+        raise RuntimeError("no free sandbox slot")
+
+    @staticmethod
+    def _wait_until_gone(uid: int, timeout: float = 10.0) -> None:
+        """The kernel tears a PID namespace down asynchronously: wait until the slot user owns no process,
+        so the next notebook in this slot starts clean (and nothing outlives its notebook)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            alive = []
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    try:
+                        if os.stat(f"/proc/{entry}").st_uid == uid:
+                            alive.append(int(entry))
+                    except OSError:
+                        pass
+            if not alive:
+                return
+            for pid in alive:  # stragglers (should not exist outside the namespace, but be thorough)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            time.sleep(0.05)
 
     def log_tail(self, n: int = 2000) -> str:
         try:
