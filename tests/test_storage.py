@@ -106,6 +106,7 @@ def test_reads_the_real_minilm_checkpoint_like_safetensors():
     loader, the lazy mmap reader and read_tensor on the raw bytes."""
     ref = st.load_file(MINILM)
     assert same(S.load_file(MINILM), ref)
+    assert same(S.load_file(MINILM, copy=True), ref)
     with S.SafetensorsFile(MINILM) as f:
         assert f.metadata == {"format": "pt"}
         lazy = {name: f[name] for name in f.keys()}

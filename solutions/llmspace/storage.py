@@ -303,12 +303,20 @@ def _open_mapped(path) -> tuple[mmap.mmap, dict, dict, int]:
     return mm, tensors, metadata, data_start
 
 
-def load_file(path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Eagerly load every tensor of a safetensors file (name → tensor, in file order).
+def load_file(path, device: str = "cpu", copy: bool = False) -> dict[str, torch.Tensor]:
+    """Load every tensor of a safetensors file at once (name → tensor, in file order).
 
-    Each tensor is allocated once and filled with ``readinto`` at its offset: one copy from the page
-    cache into the tensor, no intermediate buffer, so peak memory is the tensors themselves.
+    ``copy=False`` (the default, what ``safetensors.torch.load_file`` does on the CPU): the tensors are
+    copy-on-write views of one mapping of the file — no read and no allocation up front; pages come
+    from the page cache (or disk) when first touched and count in RSS as file pages.
+    ``copy=True``: each tensor is allocated and filled with ``readinto`` at its offset — private
+    memory independent of the file (one copy from the page cache, no intermediate buffer), at the
+    price of faulting in fresh memory for every byte.
     """
+    if not copy and device == "cpu":
+        with SafetensorsFile(path) as f:
+            ordered = sorted(f.keys(), key=lambda n: f.info(n)["data_offsets"][0])
+            return {name: f[name] for name in ordered}
     mm, tensors, _, data_start = _open_mapped(path)
     mm.close()  # the map was only for the header; the data is read with plain reads
     out = {}
