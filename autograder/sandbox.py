@@ -308,7 +308,9 @@ class Sandbox:
             return SandboxGone("resource_exceeded", "CPU time limit exceeded")
         if code in (-signal.SIGSEGV, -signal.SIGBUS, -signal.SIGABRT) and self.resource_events:
             return SandboxGone("resource_exceeded", f"crashed after {self.resource_events[-1]}")
-        return SandboxGone("kernel_died", f"the notebook's process exited (code {code})")
+        last = [line for line in self.log_tail().splitlines() if line.strip()][-1:]
+        detail = f": {last[0][:300]}" if last and code == 3 else ""  # 3: the worker's own error exit
+        return SandboxGone("kernel_died", f"the notebook's process exited (code {code}){detail}")
 
     def _reply(self, timeout: float, what: str) -> dict:
         timeout = min(timeout, self.deadline - time.monotonic())
