@@ -75,10 +75,13 @@ test-fast: venv
 
 benchmarks: venv
 	$(PY) benchmarks/sparse_spmv.py
+	$(PY) benchmarks/grading_throughput.py
 	$(PY) benchmarks/prune_tiny_lm.py
 	$(PY) benchmarks/prune_minilm.py
 	$(PY) benchmarks/distill_tiny_lm.py
 	$(PY) benchmarks/distill_minilm.py
+	$(PY) benchmarks/storage_load.py
+	$(PY) benchmarks/storage_compress.py
 
 clean:
 	rm -rf _build exercises/release exercises/autograded exercises/feedback exercises/gradebook.db
