@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmspace.memory import (LLAMA2_7B, LLAMA2_70B, PRECISION_POLICIES, SMALL_CONFIGS, DynamicLossScaler,
-                             SavedTensorLog, Transformer, TransformerConfig, accumulate_gradients,
+                             LiveGraphCounter, SavedTensorLog, Transformer, TransformerConfig, accumulate_gradients,
                              activation_bytes, block_activation_bytes, checkpointed_activation_bytes,
                              count_parameters, estimate_training_memory, measure_training_memory,
                              model_state_bytes, saved_activation_bytes, zero1_adam_step)
@@ -118,10 +118,13 @@ def test_gradient_accumulation_matches_large_batch():
     full = loss_fn(model(tokens), targets)
     full.backward()
     reference = [p.grad.clone() for p in model.parameters()]
-    loss = accumulate_gradients(model, loss_fn, tokens, targets, 4)
+    counter = LiveGraphCounter(model)
+    loss, grads = accumulate_gradients(counter, loss_fn, tokens, targets, 4)
     assert float(loss) == pytest.approx(float(full.detach()), rel=1e-6)
-    for p, g in zip(model.parameters(), reference):
-        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    assert int(counter.max_alive) == 1
+    for p, grad, g in zip(model.parameters(), grads, reference):
+        assert p.grad is grad
+        torch.testing.assert_close(grad, g, rtol=1e-5, atol=1e-7)
     # activations: one micro-batch of 2 sequences at a time vs 8
     assert activation_bytes(config, 2, 32) < 0.3 * activation_bytes(config, 8, 32)
     with SavedTensorLog(exclude=list(model.parameters())) as log:

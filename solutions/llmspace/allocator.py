@@ -27,81 +27,18 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
+
 __all__ = ["CachingAllocator", "NoCacheAllocator", "replay", "replay_on_segment", "round_size",
            "record_allocation_trace", "trace_from_events", "KB", "MB"]
 
+from llmspace.memory import MIN_BLOCK, replay_on_segment, round_size  # noqa: F401 (re-exported)
+
 KB, MB = 1024, 1024 * 1024
-MIN_BLOCK = 512                 # every request is a multiple of this
 SMALL_SIZE = 1 * MB             # requests up to this go to the small pool
 SMALL_SEGMENT = 2 * MB          # segment size of the small pool
 LARGE_SEGMENT = 20 * MB         # segment size for large requests below MIN_LARGE_ALLOC
 MIN_LARGE_ALLOC = 10 * MB
 ROUND_LARGE = 2 * MB            # large requests >= MIN_LARGE_ALLOC get their own segment of this multiple
-
-
-def round_size(nbytes: int) -> int:
-    """Round a request up to a multiple of 512 bytes (at least 512)."""
-    if not isinstance(nbytes, int) or nbytes < 0:
-        raise ValueError(f"nbytes must be a non-negative int, got {nbytes!r}")
-    return max(MIN_BLOCK, -(-nbytes // MIN_BLOCK) * MIN_BLOCK)
-
-
-def replay_on_segment(segment_size: int, ops: list) -> tuple[dict, list]:
-    """Best-fit allocation with splitting and coalescing inside one segment ``[0, segment_size)``.
-
-    Args:
-        segment_size: bytes of the segment (a positive multiple of 512).
-        ops: a list of ``("malloc", name, nbytes)`` and ``("free", name)`` tuples, applied in order.
-
-    Rules:
-        * ``nbytes`` is rounded up to a multiple of 512 (at least 512);
-        * best fit: take the *smallest* free block whose size is ≥ the rounded request (the lowest
-          address among equal sizes); the allocation occupies the block's low end and the rest stays
-          free (splitting);
-        * ``free`` puts the block back and merges it with a free block that ends where it starts and
-          with one that starts where it ends (coalescing);
-        * a request that fits no free block raises ``MemoryError``; freeing a name that is not
-          allocated raises ``ValueError``.
-
-    Returns:
-        ``(addresses, free_blocks)``: ``{name: address}`` of every malloc performed (a name may be
-        reused after its free: the latest address wins), and the final free blocks as a list of
-        ``(address, size)`` tuples sorted by address.
-    """
-    if not isinstance(segment_size, int) or segment_size <= 0 or segment_size % MIN_BLOCK:
-        raise ValueError(f"segment_size must be a positive multiple of {MIN_BLOCK}, got {segment_size!r}")
-    ### BEGIN SOLUTION
-    free = [(0, segment_size)]          # sorted by address
-    live = {}                           # name -> (address, size)
-    addresses = {}
-    for op in ops:
-        if op[0] == "malloc":
-            _, name, nbytes = op
-            size = round_size(nbytes)
-            fits = [(block_size, addr) for addr, block_size in free if block_size >= size]
-            if not fits:
-                raise MemoryError(f"no free block of {size} bytes for {name!r}")
-            block_size, addr = min(fits)
-            free.remove((addr, block_size))
-            if block_size > size:                                   # split: the tail stays free
-                bisect.insort(free, (addr + size, block_size - size))
-            live[name] = (addr, size)
-            addresses[name] = addr
-        elif op[0] == "free":
-            if op[1] not in live:
-                raise ValueError(f"free of {op[1]!r}, which is not allocated")
-            addr, size = live.pop(op[1])
-            i = bisect.bisect(free, (addr, size))
-            if i < len(free) and free[i][0] == addr + size:          # merge with the next block
-                size += free.pop(i)[1]
-            if i > 0 and free[i - 1][0] + free[i - 1][1] == addr:     # merge with the previous block
-                addr, prev = free.pop(i - 1)
-                size += prev
-            bisect.insort(free, (addr, size))
-        else:
-            raise ValueError(f"op must start with 'malloc' or 'free', got {op[0]!r}")
-    return addresses, free
-    ### END SOLUTION
 
 
 @dataclass

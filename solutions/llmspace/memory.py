@@ -24,6 +24,7 @@ no biases; rotary embeddings omitted — they have no parameters).
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field, replace
 
@@ -36,8 +37,8 @@ __all__ = [
     "PrecisionPolicy", "PRECISION_POLICIES", "MemoryBreakdown",
     "count_parameters", "model_state_bytes", "block_activation_bytes", "activation_bytes",
     "estimate_training_memory", "measure_training_memory", "saved_activation_bytes",
-    "SavedTensorLog", "accumulate_gradients", "checkpoint_segments", "checkpointed_activation_bytes",
-    "zero1_adam_step", "DynamicLossScaler", "tensor_bytes", "storage_bytes",
+    "SavedTensorLog", "accumulate_gradients", "LiveGraphCounter", "checkpoint_segments", "checkpointed_activation_bytes",
+    "zero1_adam_step", "replay_on_segment", "round_size", "MIN_BLOCK", "DynamicLossScaler", "tensor_bytes", "storage_bytes",
 ]
 
 
@@ -486,18 +487,20 @@ def estimate_training_memory(model_or_config, batch_size: int, seq_len: int, *, 
 # --------------------------------------------------------------------------------------------------
 
 def accumulate_gradients(model: nn.Module, loss_fn, inputs: torch.Tensor, targets: torch.Tensor,
-                         n_micro_batches: int) -> torch.Tensor:
+                         n_micro_batches: int) -> tuple:
     """Gradients of the *full-batch mean loss*, computed one micro-batch at a time.
 
     Args:
-        model: any module; its ``.grad`` fields are overwritten (zeroed first).
+        model: any module; its ``.grad`` fields are overwritten (cleared first).
         loss_fn: ``loss_fn(model(x), y)`` → mean loss over the examples of ``x`` (a 0-d tensor).
         inputs, targets: the full batch, examples along dim 0 (``len(inputs) == len(targets)``).
         n_micro_batches: number of equal micro-batches; must divide the batch size.
 
     Returns:
-        The full-batch mean loss (a detached 0-d tensor). Afterwards ``p.grad`` equals the gradient of
-        ``loss_fn(model(inputs), targets)`` while only one micro-batch's activations were alive at a time.
+        ``(loss, grads)``: the full-batch mean loss (a detached 0-d tensor) and the list of
+        ``p.grad`` for ``p in model.parameters()``, equal to the gradients of
+        ``loss_fn(model(inputs), targets)``. Only one micro-batch's activations may be alive at a time:
+        call ``backward()`` on each micro-batch before the next forward.
     """
     if not isinstance(n_micro_batches, int) or n_micro_batches < 1:
         raise ValueError(f"n_micro_batches must be a positive int, got {n_micro_batches!r}")
@@ -514,8 +517,32 @@ def accumulate_gradients(model: nn.Module, loss_fn, inputs: torch.Tensor, target
         loss = loss_fn(model(x), y) / n_micro_batches
         loss.backward()                  # frees this micro-batch's graph before the next forward
         total += loss.detach()
-    return total
+    return total, [p.grad for p in model.parameters()]
     ### END SOLUTION
+
+
+class LiveGraphCounter(nn.Module):
+    """Wraps a model and counts forward graphs whose backward has not reached the output yet.
+
+    ``max_alive`` (a buffer, so it travels with ``state_dict``) is the largest number of micro-batch
+    graphs — and hence activation sets — that were alive together: 1 for correct accumulation."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.register_buffer("alive", torch.zeros((), dtype=torch.long))
+        self.register_buffer("max_alive", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        out = self.model(x)
+        if out.requires_grad:
+            self.alive += 1
+            self.max_alive.copy_(torch.maximum(self.max_alive, self.alive))
+            out.register_hook(self._backward_reached)
+        return out
+
+    def _backward_reached(self, grad):
+        self.alive -= 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -606,6 +633,78 @@ def checkpointed_activation_bytes(model: Transformer, tokens: torch.Tensor, targ
     return {"forward": forward, "recompute": max(recomputed, default=0),
             "peak": forward + max(recomputed, default=0), "loss": loss.detach(),
             "grads": [p.grad.clone() for p in params]}
+
+
+# --------------------------------------------------------------------------------------------------
+# The free list of a caching allocator (the whole allocator is llmspace.allocator)
+# --------------------------------------------------------------------------------------------------
+
+MIN_BLOCK = 512                 # allocator granularity: every request is a multiple of this (bytes)
+
+
+def round_size(nbytes: int) -> int:
+    """Round a request up to a multiple of 512 bytes (at least 512)."""
+    if not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"nbytes must be a non-negative int, got {nbytes!r}")
+    return max(MIN_BLOCK, -(-nbytes // MIN_BLOCK) * MIN_BLOCK)
+
+
+def replay_on_segment(segment_size: int, ops: list) -> tuple[dict, list]:
+    """Best-fit allocation with splitting and coalescing inside one segment ``[0, segment_size)``.
+
+    Args:
+        segment_size: bytes of the segment (a positive multiple of 512).
+        ops: a list of ``("malloc", name, nbytes)`` and ``("free", name)`` tuples, applied in order.
+
+    Rules:
+        * ``nbytes`` is rounded up to a multiple of 512 (at least 512);
+        * best fit: take the *smallest* free block whose size is ≥ the rounded request (the lowest
+          address among equal sizes); the allocation occupies the block's low end and the rest stays
+          free (splitting);
+        * ``free`` puts the block back and merges it with a free block that ends where it starts and
+          with one that starts where it ends (coalescing);
+        * a request that fits no free block raises ``MemoryError``; freeing a name that is not
+          allocated raises ``ValueError``.
+
+    Returns:
+        ``(addresses, free_blocks)``: ``{name: address}`` of every malloc performed (a name may be
+        reused after its free: the latest address wins), and the final free blocks as a list of
+        ``(address, size)`` tuples sorted by address.
+    """
+    if not isinstance(segment_size, int) or segment_size <= 0 or segment_size % MIN_BLOCK:
+        raise ValueError(f"segment_size must be a positive multiple of {MIN_BLOCK}, got {segment_size!r}")
+    ### BEGIN SOLUTION
+    free = [(0, segment_size)]          # sorted by address
+    live = {}                           # name -> (address, size)
+    addresses = {}
+    for op in ops:
+        if op[0] == "malloc":
+            _, name, nbytes = op
+            size = round_size(nbytes)
+            fits = [(block_size, addr) for addr, block_size in free if block_size >= size]
+            if not fits:
+                raise MemoryError(f"no free block of {size} bytes for {name!r}")
+            block_size, addr = min(fits)
+            free.remove((addr, block_size))
+            if block_size > size:                                   # split: the tail stays free
+                bisect.insort(free, (addr + size, block_size - size))
+            live[name] = (addr, size)
+            addresses[name] = addr
+        elif op[0] == "free":
+            if op[1] not in live:
+                raise ValueError(f"free of {op[1]!r}, which is not allocated")
+            addr, size = live.pop(op[1])
+            i = bisect.bisect(free, (addr, size))
+            if i < len(free) and free[i][0] == addr + size:          # merge with the next block
+                size += free.pop(i)[1]
+            if i > 0 and free[i - 1][0] + free[i - 1][1] == addr:     # merge with the previous block
+                addr, prev = free.pop(i - 1)
+                size += prev
+            bisect.insort(free, (addr, size))
+        else:
+            raise ValueError(f"op must start with 'malloc' or 'free', got {op[0]!r}")
+    return addresses, free
+    ### END SOLUTION
 
 
 # --------------------------------------------------------------------------------------------------
