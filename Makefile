@@ -68,10 +68,10 @@ postgres:
 	  su postgres -c "createuser --superuser root"
 
 test: venv book chromium postgres
-	$(PY) -m pytest -n 2 --durations=15
+	$(PY) -m pytest -n 2 --dist loadfile --durations=20
 
 test-fast: venv
-	$(PY) -m pytest -n 2 -m "not browser"
+	$(PY) -m pytest -n 2 --dist loadfile -m "not browser and not slow"
 
 benchmarks: venv
 	$(PY) benchmarks/sparse_spmv.py
