@@ -1,0 +1,137 @@
+"""W4A16: int4 weights (two per byte, fp16 scale per group) times fp16/bf16/fp32 activations, in Triton.
+
+Why a fused kernel: decoding one token multiplies a handful of activation rows by every weight of the
+model, so the time is the time to *read the weights*. Stored as int4 with one fp16 scale per 128
+weights, a weight costs 4.125 bits instead of fp16's 16 — 3.9× fewer bytes. That saving only turns into
+speed if the weights are dequantized in registers, inside the matmul; dequantizing to an fp16 matrix in
+memory first and then calling an fp16 matmul reads and writes *more* bytes than fp16 alone.
+
+Layout (that of :class:`llmspace.quant.QuantLinear` with ``bits=4``):
+
+* ``qdata``: uint8 ``(N, ceil(K / 2))``; byte ``j`` of row ``n`` holds the unsigned codes of weights
+  ``2j`` (low nibble) and ``2j + 1`` (high nibble); code ``u`` means integer ``u - 8``.
+* ``scale``: ``(N, K // group_size)`` fp16 (any float dtype works).
+* ``zero_point``: ``None`` (symmetric) or int8 ``(N, K // group_size)``.
+* weight ``W[n, k] = (u - 8 - zero_point[n, k // g]) * scale[n, k // g]``; output ``y = x @ Wᵀ``.
+
+:func:`w4a16_matmul_torch` is the pure-torch twin every kernel result is tested against; on the CPU the
+kernel runs under ``TRITON_INTERPRET=1`` (tests), on a CUDA GPU natively.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from llmspace.quant import unpack_int4
+
+__all__ = ["w4a16_matmul", "w4a16_matmul_torch", "w4a16_linear", "triton_available"]
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """True where the kernel can run: a CUDA device, or any device under ``TRITON_INTERPRET=1``."""
+    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, K,
+                  stride_xm, stride_qn, stride_sn, stride_ym,
+                  GROUP_SIZE: tl.constexpr, HAS_ZERO: tl.constexpr, IEEE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & k_ok[None, :],
+                    other=0.0)
+        w_ok = (rn[:, None] < N) & k_ok[None, :]
+        # both nibbles of a byte are needed by neighbouring k: the byte is loaded twice, from cache
+        byte = tl.load(q_ptr + rn[:, None] * stride_qn + rk[None, :] // 2, mask=w_ok, other=0)
+        code = (byte >> ((rk[None, :] % 2) * 4).to(tl.uint8)) & 0xF
+        group = rk[None, :] // GROUP_SIZE
+        scale = tl.load(s_ptr + rn[:, None] * stride_sn + group, mask=w_ok, other=0.0).to(tl.float32)
+        q = code.to(tl.float32) - 8.0
+        if HAS_ZERO:
+            q -= tl.load(z_ptr + rn[:, None] * stride_sn + group, mask=w_ok, other=0).to(tl.float32)
+        w = (q * scale).to(x.dtype)   # (BLOCK_N, BLOCK_K), rounded to the activation dtype like the twin
+        if IEEE:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def _check(x, qdata, scale, zero_point, group_size, in_features):
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"x must be a float16/bfloat16/float32 tensor, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x must have in_features = {in_features} in its last dimension, got {tuple(x.shape)}")
+    if qdata.dtype != torch.uint8 or qdata.dim() != 2 or qdata.shape[1] != (in_features + 1) // 2:
+        raise ValueError(f"qdata must be uint8 (N, ceil(K / 2)) = (N, {(in_features + 1) // 2}), got "
+                         f"{qdata.dtype} {tuple(qdata.shape)}")
+    if in_features % group_size or scale.shape != (qdata.shape[0], in_features // group_size):
+        raise ValueError(f"scale must be (N, K // group_size) = ({qdata.shape[0]}, {in_features // group_size})"
+                         f" with group_size dividing K = {in_features}, got group_size={group_size}, "
+                         f"scale {tuple(scale.shape)}")
+    if zero_point is not None and zero_point.shape != scale.shape:
+        raise ValueError(f"zero_point must have the shape of scale {tuple(scale.shape)}, got "
+                         f"{tuple(zero_point.shape)}")
+
+
+def w4a16_matmul_torch(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
+                       zero_point: torch.Tensor | None, group_size: int, in_features: int) -> torch.Tensor:
+    """Pure-torch twin: unpack, dequantize in fp32, round the weight to ``x.dtype``, then ``x @ Wᵀ``
+    accumulated in fp32. ``x``: ``(..., K)`` → ``(..., N)`` in ``x.dtype``."""
+    _check(x, qdata, scale, zero_point, group_size, in_features)
+    q = unpack_int4(qdata, in_features).float() - 8
+    groups = q.view(q.shape[0], -1, group_size)
+    if zero_point is not None:
+        groups = groups - zero_point.float()[..., None]
+    w = (groups * scale.float()[..., None]).view(q.shape).to(x.dtype)
+    return (x.float() @ w.float().T).to(x.dtype)
+
+
+def w4a16_matmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                 group_size: int, in_features: int, *, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+    """The Triton kernel: ``x`` ``(..., K)`` (fp16, bf16 or fp32) → ``(..., N)`` in ``x.dtype``.
+
+    Every program computes a ``(BLOCK_M, block_n)`` tile of ``y`` (``BLOCK_M = 16``, the smallest
+    ``tl.dot`` tile: decode batches of 1–16 rows take one tile), loading int4 codes and scales, dequantizing
+    in registers and accumulating in fp32. Any ``K`` (odd included) and any ``group_size`` dividing ``K``.
+    """
+    _check(x, qdata, scale, zero_point, group_size, in_features)
+    if not triton_available(x.device):
+        raise RuntimeError(f"the Triton kernel needs a CUDA device or TRITON_INTERPRET=1 (x is on {x.device}); "
+                           f"use w4a16_matmul_torch on the CPU")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features).contiguous()
+    M, N = x2.shape[0], qdata.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    qdata, scale = qdata.contiguous(), scale.contiguous()
+    z = zero_point.contiguous() if zero_point is not None else scale   # unused pointer when HAS_ZERO=False
+    block_m = 16
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+    _w4a16_kernel[grid](x2, qdata, scale, z, y, M, N, in_features,
+                        x2.stride(0), qdata.stride(0), scale.stride(0), y.stride(0),
+                        GROUP_SIZE=group_size, HAS_ZERO=zero_point is not None,
+                        IEEE=x.dtype == torch.float32,
+                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return y.reshape(*lead, N)
+
+
+def w4a16_linear(x: torch.Tensor, layer, *, use_triton: bool | None = None) -> torch.Tensor:
+    """``layer(x)`` for a 4-bit :class:`llmspace.quant.QuantLinear`, through the kernel where it can run
+    (``use_triton=None``: CUDA or the interpreter) and the twin elsewhere; adds the bias."""
+    if layer.bits != 4:
+        raise ValueError(f"the W4A16 kernel needs a 4-bit layer, got bits={layer.bits}")
+    use_triton = triton_available(x.device) if use_triton is None else use_triton
+    fn = w4a16_matmul if use_triton else w4a16_matmul_torch
+    y = fn(x, layer.qdata, layer.scale, layer.zero_point, layer.group_size, layer.in_features)
+    return y if layer.bias is None else y + layer.bias.to(y.dtype)
