@@ -414,8 +414,9 @@ def test_sigkill_during_save_leaves_previous_checkpoint_intact(tmp_path):
     proc = start_writer(path, "atomic")
     tmp = lambda: list(tmp_path.glob(".ckpt.safetensors.tmp-*"))
     deadline = time.time() + 30
-    while not any(p.stat().st_size > 0 for p in tmp()) and time.time() < deadline:
+    while not any(p.stat().st_size > 0 for p in tmp()) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.001)
+    assert proc.poll() is None, "the writer finished before it could be killed mid-save"
     kill(proc)
     loaded = S.load_checkpoint(path)
     assert set(loaded) == {"step", "w"} and torch.equal(loaded["step"], old["step"])
@@ -428,8 +429,9 @@ def test_plain_save_killed_midway_is_detected_not_loaded(tmp_path):
     path = tmp_path / "plain.safetensors"
     proc = start_writer(path, "plain")
     deadline = time.time() + 30
-    while (not path.exists() or path.stat().st_size < 1 << 20) and time.time() < deadline:
+    while (not path.exists() or path.stat().st_size < 1 << 20) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.001)
+    assert proc.poll() is None, "the writer finished before it could be killed mid-save"
     kill(proc)
     assert path.stat().st_size < 32 * 4 << 20
     with pytest.raises(ValueError, match="out of bounds|larger than the file"):
