@@ -75,6 +75,9 @@ test-fast: venv
 
 benchmarks: venv
 	$(PY) benchmarks/sparse_spmv.py
+	$(PY) benchmarks/memory_checkpoint.py
+	$(PY) benchmarks/memory_allocator.py
+	$(PY) benchmarks/memory_parallel.py
 	$(PY) benchmarks/grading_throughput.py
 	$(PY) benchmarks/prune_tiny_lm.py
 	$(PY) benchmarks/prune_minilm.py
