@@ -85,6 +85,7 @@ benchmarks: venv
 	$(PY) benchmarks/distill_minilm.py
 	$(PY) benchmarks/storage_load.py
 	$(PY) benchmarks/storage_compress.py
+	$(PY) benchmarks/storage_offload_gpu.py
 
 clean:
 	rm -rf _build exercises/release exercises/autograded exercises/feedback exercises/gradebook.db
