@@ -190,3 +190,16 @@ def test_loss_scaler_matches_grad_scaler():
         stepped = ours.unscale_and_check([grad * ours.scale])
         assert stepped is not overflow
         assert ours.scale == theirs.get_scale()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.max_memory_allocated)")
+def test_gpu_peak_bounds():
+    """On a GPU, torch.cuda.max_memory_allocated during the step is at least what must coexist: the
+    parameters with every saved activation (end of forward), and the model states (after the step)."""
+    config = SMALL_CONFIGS["gpt-tiny"]
+    torch.manual_seed(0)
+    model = Transformer(config).cuda()
+    tokens, targets = (t.cuda() for t in _batch(config, 4, 64))
+    measured = measure_training_memory(model, tokens, targets, torch.optim.Adam(model.parameters()))
+    assert measured.peak_allocated >= measured.params + measured.activations
+    assert measured.peak_allocated >= measured.model_states

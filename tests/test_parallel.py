@@ -4,13 +4,10 @@ References nobody here wrote: single-process ``torch.optim.Adam`` training on th
 data parallelism must reproduce), ``torch.nn.parallel.DistributedDataParallel`` and
 ``torch.distributed.fsdp.fully_shard`` (FSDP2). All strategies run in one spawn (a spawn costs ~5 s).
 """
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
-from llmspace.memory import PRECISION_POLICIES, Transformer, TransformerConfig, count_parameters, model_state_bytes
+from llmspace.memory import PRECISION_POLICIES, TransformerConfig, count_parameters, model_state_bytes
 from llmspace.parallel import gpipe_bubble_fraction, shard_range, spawn, strategy_worker
 
 CONFIG = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=16,

@@ -268,6 +268,7 @@ class MemoryBreakdown:
     optimizer: int = 0
     activations: int = 0
     notes: str = ""
+    peak_allocated: int | None = None   # measured on a GPU only: torch.cuda.max_memory_allocated
 
     @property
     def model_states(self) -> int:
@@ -288,10 +289,16 @@ def measure_training_memory(model: nn.Module, tokens: torch.Tensor, targets: tor
 
     params/grads: storages of ``model.parameters()`` and their ``.grad``; optimizer: every tensor in
     ``optimizer.state`` (Adam's ``exp_avg``, ``exp_avg_sq`` and its 0-d ``step``); activations: bytes
-    saved for backward (:class:`SavedTensorLog`). Leaves the model one step further trained.
+    saved for backward (:class:`SavedTensorLog`); on a GPU also ``peak_allocated``, the allocator's peak
+    during the step (it includes the temporaries that the other terms leave out). Leaves the model one
+    step further trained.
     """
     params = list(model.parameters())
+    on_gpu = params[0].is_cuda
     optimizer.zero_grad(set_to_none=True)
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     with SavedTensorLog(exclude=params + list(model.buffers())) as log:
         loss = model.loss(tokens, targets)
     loss.backward()
@@ -299,7 +306,8 @@ def measure_training_memory(model: nn.Module, tokens: torch.Tensor, targets: tor
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     return MemoryBreakdown(params=storage_bytes(params), grads=storage_bytes(p.grad for p in params),
                            optimizer=storage_bytes(state), activations=log.bytes,
-                           notes="measured: tensor storages; activations via saved_tensors_hooks")
+                           notes="measured: tensor storages; activations via saved_tensors_hooks",
+                           peak_allocated=torch.cuda.max_memory_allocated() if on_gpu else None)
 
 
 # --------------------------------------------------------------------------------------------------
