@@ -37,7 +37,7 @@ def reference():
         loss = model.loss(tokens, targets)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses, dict(model.named_parameters())
 
 

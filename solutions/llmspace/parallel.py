@@ -128,7 +128,8 @@ class ZeroAdam:
                     self._owner[module] = own
                     self.handles.append(module.register_forward_pre_hook(self._gather_hook(own)))
                     self.handles.append(module.register_forward_hook(self._free_hook(own)))
-                    self.handles.append(module.register_full_backward_pre_hook(self._gather_hook(own)))
+                    if not isinstance(module, nn.Embedding):   # its backward never reads the weight
+                        self.handles.append(module.register_full_backward_pre_hook(self._gather_hook(own)))
             for i in range(len(self.params)):
                 self._free(i)
 
@@ -472,6 +473,7 @@ def _tensor_parallel_check(config, rank, world_size, seq_len) -> dict:
     rows = config.d_ff // world_size
     with SavedTensorLog(exclude=list(mlp.parameters())) as full_log:
         mlp(x).sum()
+    y_tp = y_tp.detach()
     return {"out_err": float((y_tp - y).abs().max()), "grad_x_err": float((x_tp.grad - x.grad).abs().max()),
             "grad_up_err": float((tp.up.weight.grad - mlp.up.weight.grad[rank * rows:(rank + 1) * rows]).abs().max()),
             "grad_down_err": float((tp.down.weight.grad - mlp.down.weight.grad[:, rank * rows:(rank + 1) * rows]).abs().max()),
@@ -528,3 +530,26 @@ def _pipeline_check(config, rank, world_size, tokens, targets, steps, lr, n_micr
             "n_micro_batches": n_micro_batches,
             "params": {n: p.detach().clone() for n, p in model.named_parameters()
                        if any(p is q for q in stage.stage_parameters())}}
+
+
+def main(argv=None) -> None:
+    """Under ``torchrun`` (one node or many): ``torchrun --nproc-per-node 2 -m llmspace.parallel OUT_DIR``
+    trains a small model with every strategy and writes ``OUT_DIR/rank{r}.pt`` (as the tests do)."""
+    import argparse
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out_dir")
+    parser.add_argument("--strategies", default="ddp,zero1,zero2,zero3,fsdp2,tp,pp")
+    args = parser.parse_args(argv)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    init_process(rank, world_size)                      # env:// rendezvous set up by torchrun
+    try:
+        config = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64,
+                                   max_seq_len=16, bias=False)
+        strategy_worker(rank, world_size, args.out_dir, config, 4 * world_size, 16, 3,
+                        tuple(args.strategies.split(",")))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
