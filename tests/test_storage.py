@@ -194,6 +194,44 @@ def test_malformed_files_raise_clear_errors(case, tmp_path):
             loader(path)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st_.data())
+def test_fuzzed_files_raise_value_error_or_read_like_safetensors(data):
+    """Reference: safetensors.torch.load. Random byte flips, truncations and header rewrites of a valid
+    file: the parser either raises ValueError (never another exception) or accepts a file whose
+    tensors read exactly as the reference library reads them."""
+    base = bytearray(st.save({"a": torch.arange(6, dtype=torch.float32), "b": torch.ones(3, dtype=torch.int8)},
+                             metadata={"k": "v"}))
+    n = int.from_bytes(base[:8], "little")
+    for _ in range(data.draw(st_.integers(1, 4))):
+        kind = data.draw(st_.sampled_from(["flip", "truncate", "json"]))
+        if kind == "flip" and base:
+            i = data.draw(st_.integers(0, min(len(base), 8 + n) - 1))
+            base[i] = data.draw(st_.integers(0, 255))
+        elif kind == "truncate":
+            del base[data.draw(st_.integers(0, len(base))):]
+        else:
+            value = data.draw(st_.sampled_from([[], {}, "F32", 1e30, -1, [0, 2**70], None, [[1]], True]))
+            field = data.draw(st_.sampled_from(["dtype", "shape", "data_offsets", "__metadata__"]))
+            header = {"a": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24]},
+                      "b": {"dtype": "I8", "shape": [3], "data_offsets": [24, 27]}}
+            if field == "__metadata__":
+                header[field] = value
+            else:
+                header["a"][field] = value
+            text = json.dumps(header).encode()
+            base = bytearray(len(text).to_bytes(8, "little") + text + bytes(base[8 + n:]))
+    blob = bytes(base)
+    try:
+        tensors, _, _ = S.parse_safetensors_header(blob)
+    except ValueError:
+        return
+    ref = st.load(blob)
+    assert set(ref) == set(tensors)
+    for name in tensors:
+        assert torch.equal(S.read_tensor(blob, name), ref[name])
+
+
 def test_huge_header_length_allocates_nothing():
     """A 4 GB header length on a 20-byte file is refused before any allocation (tracemalloc peak)."""
     blob = (4 << 30).to_bytes(8, "little") + b'{"a": 1}    '

@@ -128,7 +128,8 @@ def parse_safetensors_header(buf) -> tuple[dict, dict, int]:
         raise ValueError(f"header is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ValueError(f"header must be a JSON object, got {type(header).__name__}")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise ValueError("__metadata__ must be an object mapping strings to strings")
@@ -139,7 +140,7 @@ def parse_safetensors_header(buf) -> tuple[dict, dict, int]:
             raise ValueError(f"tensor {name!r}: expected an object with dtype, shape and "
                              f"data_offsets, got {info!r}")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise ValueError(f"tensor {name!r}: unknown dtype {dtype!r}, expected one of "
                              f"{sorted(DTYPES)}")
         if not isinstance(shape, list) or not all(
