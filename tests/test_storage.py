@@ -243,6 +243,19 @@ def test_huge_header_length_allocates_nothing():
     assert peak < 1 << 20
 
 
+def test_header_size_limit_is_the_reference_limit():
+    """Reference: safetensors.torch.load accepts a 100,000,000-byte header and refuses one byte more."""
+    for n, ok in ((S.MAX_HEADER_BYTES, True), (S.MAX_HEADER_BYTES + 1, False)):
+        blob = n.to_bytes(8, "little") + b"{}" + b" " * (n - 2)
+        if ok:
+            assert S.parse_safetensors_header(blob) == ({}, {}, 8 + n) and st.load(blob) == {}
+        else:
+            with pytest.raises(ValueError, match="exceeds the limit"):
+                S.parse_safetensors_header(blob)
+            with pytest.raises(Exception, match="header too large"):
+                st.load(blob)
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="bytes-like"):
         S.parse_safetensors_header("not bytes")
