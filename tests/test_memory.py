@@ -40,6 +40,24 @@ def test_estimator_agrees_with_measurement(name, B, T):
     assert measured.params == 4 * count_parameters(model)
 
 
+@pytest.mark.parametrize("name, make", [
+    ("sgd", lambda ps: torch.optim.SGD(ps, lr=0.1)),
+    ("sgd-momentum", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
+    ("adamw", lambda ps: torch.optim.AdamW(ps)),
+])
+def test_optimizer_state_bytes(name, make):
+    """The optimizer term for SGD (none), SGD with momentum (one buffer) and AdamW (two moments)
+    against the state torch.optim actually allocates (AdamW adds a 4-byte step per tensor)."""
+    config = SMALL_CONFIGS["llama-tiny"]
+    torch.manual_seed(0)
+    model = Transformer(config)
+    measured = measure_training_memory(model, *_batch(config, 2, 16), make(model.parameters()))
+    estimated = estimate_training_memory(model, 2, 16, optimizer=name)
+    assert estimated.optimizer == pytest.approx(measured.optimizer, rel=0.001, abs=1)
+    with pytest.raises(ValueError, match="optimizer"):
+        estimate_training_memory(model, 2, 16, optimizer="lion")
+
+
 def test_block_activation_bytes_is_one_layer():
     """Adding a layer adds exactly block_activation_bytes to what autograd saves."""
     for config in SMALL_CONFIGS.values():

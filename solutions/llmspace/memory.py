@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "TransformerConfig", "Transformer", "SMALL_CONFIGS", "LLAMA2_7B", "LLAMA2_70B",
-    "PrecisionPolicy", "PRECISION_POLICIES", "MemoryBreakdown",
+    "PrecisionPolicy", "PRECISION_POLICIES", "OPTIMIZER_STATE_BYTES", "MemoryBreakdown",
     "count_parameters", "model_state_bytes", "block_activation_bytes", "activation_bytes",
     "estimate_training_memory", "measure_training_memory", "saved_activation_bytes",
     "SavedTensorLog", "accumulate_gradients", "LiveGraphCounter", "checkpoint_segments", "checkpointed_activation_bytes",
@@ -343,6 +343,10 @@ PRECISION_POLICIES = {
 }
 
 
+#: Optimizer state in bytes per parameter (fp32 states; bitsandbytes' 8-bit Adam keeps two int8 states).
+OPTIMIZER_STATE_BYTES = {"adam": 8, "adamw": 8, "sgd": 0, "sgd-momentum": 4, "adam-8bit": 2}
+
+
 def _policy(policy) -> PrecisionPolicy:
     if isinstance(policy, PrecisionPolicy):
         return policy
@@ -464,13 +468,15 @@ def activation_bytes(config: TransformerConfig, batch_size: int, seq_len: int, d
 
 
 def estimate_training_memory(model_or_config, batch_size: int, seq_len: int, *, policy="fp32",
-                             activation_dtype_bytes: int = 4, zero_stage: int = 0, world_size: int = 1,
+                             optimizer: str | None = None, activation_dtype_bytes: int = 4,
+                             zero_stage: int = 0, world_size: int = 1,
                              checkpoint_segments: int | None = None) -> MemoryBreakdown:
     """Estimate one rank's training memory without running anything.
 
     ``model_or_config``: a :class:`Transformer` (any device, ``meta`` included) or a
     :class:`TransformerConfig`. ``batch_size`` is the per-rank micro-batch. ``policy`` names the bytes per
-    parameter convention (:data:`PRECISION_POLICIES`). Returns a :class:`MemoryBreakdown` in bytes.
+    parameter convention (:data:`PRECISION_POLICIES`); ``optimizer`` (a key of
+    :data:`OPTIMIZER_STATE_BYTES`) replaces the policy's optimizer bytes. Returns a :class:`MemoryBreakdown` in bytes.
     Not counted: temporary buffers inside kernels, the allocator's cache and fragmentation (see
     :mod:`llmspace.allocator`), communication buffers, and the CUDA context (~0.3-1 GiB on a GPU).
     """
@@ -482,6 +488,11 @@ def estimate_training_memory(model_or_config, batch_size: int, seq_len: int, *, 
         raise TypeError(f"model_or_config must be a Transformer or TransformerConfig, "
                         f"got {type(model_or_config).__name__}")
     policy = _policy(policy)
+    if optimizer is not None:
+        if optimizer not in OPTIMIZER_STATE_BYTES:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATE_BYTES)}, got {optimizer!r}")
+        policy = replace(policy, optimizer=OPTIMIZER_STATE_BYTES[optimizer],
+                         source=f"{policy.source}; optimizer {optimizer}")
     states = model_state_bytes(count_parameters(model_or_config), policy, zero_stage, world_size)
     acts = activation_bytes(config, batch_size, seq_len, activation_dtype_bytes, checkpoint_segments)
     return MemoryBreakdown(params=states["weights"], grads=states["grads"], master=states["master"],
