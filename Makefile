@@ -78,6 +78,9 @@ benchmarks: venv
 	$(PY) benchmarks/memory_checkpoint.py
 	$(PY) benchmarks/memory_allocator.py
 	$(PY) benchmarks/memory_parallel.py
+	$(PY) benchmarks/quant_minilm.py
+	$(PY) benchmarks/quant_tiny_lm.py
+	$(PY) benchmarks/quant_w4a16.py
 	$(PY) benchmarks/grading_throughput.py
 	$(PY) benchmarks/prune_tiny_lm.py
 	$(PY) benchmarks/prune_minilm.py

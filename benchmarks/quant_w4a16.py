@@ -1,0 +1,86 @@
+"""W4A16 Triton kernel vs torch fp16 matmul on a GPU: time, effective bandwidth, memory-bound floor.
+
+For decode-shaped products y = x Wᵀ (x: M = 1..16 rows, W: N x K), the work is dominated by reading W.
+For each shape this reports the kernel's time, the bytes it must move (int4 codes + fp16 scales + x + y),
+the effective bandwidth bytes / time, the time of torch's fp16 ``x @ W.T`` on the same shape, and the
+floor = bytes / measured device copy bandwidth. Writes benchmarks/results/quant_w4a16.json.
+
+On a machine without a CUDA GPU it prints why it cannot measure anything and exits 0 without writing:
+the Triton interpreter (TRITON_INTERPRET=1) runs the kernel on the CPU for *correctness* only; its
+timings would measure numpy, not the kernel.
+
+    python benchmarks/quant_w4a16.py
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
+
+SHAPES = [(1, 4096, 4096), (1, 11008, 4096), (1, 4096, 11008), (4, 4096, 4096), (16, 4096, 4096),
+          (16, 14336, 4096)]
+GROUP_SIZE = 128
+
+
+def cuda_time(fn, repeat: int = 50) -> float:
+    """Median seconds per call from CUDA events, after warm-up."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("quant_w4a16: no CUDA GPU here, nothing measured. The kernel's speed only means something on "
+              "a GPU (the CPU runs it under TRITON_INTERPRET=1, in numpy, for correctness tests). "
+              "Run this script on a machine with a CUDA GPU to write benchmarks/results/quant_w4a16.json.")
+        return 0
+    from llmspace.quant import quantize_per_group, pack_int4
+    from llmspace.quant_triton import w4a16_matmul, w4a16_matmul_torch
+    dev = "cuda"
+    buf = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    copy_s = cuda_time(lambda: buf.clone(), repeat=20)
+    bandwidth = 2 * buf.numel() / copy_s   # read + write, bytes/s
+    del buf
+    rows = []
+    for m, n, k in SHAPES:
+        w = torch.randn(n, k, device=dev) * 0.02
+        q, scale, _ = quantize_per_group(w.cpu(), 4, GROUP_SIZE, symmetric=True)
+        qdata = pack_int4((q.to(torch.int16) + 8).to(torch.uint8)).to(dev)
+        scale = scale.half().to(dev)
+        x = torch.randn(m, k, device=dev, dtype=torch.float16)
+        w16 = w.half()
+        y = w4a16_matmul(x, qdata, scale, None, GROUP_SIZE, k)
+        err = (y.float() - w4a16_matmul_torch(x, qdata, scale, None, GROUP_SIZE, k).float()).abs().max().item()
+        t_w4 = cuda_time(lambda: w4a16_matmul(x, qdata, scale, None, GROUP_SIZE, k))
+        t_fp16 = cuda_time(lambda: x @ w16.T)
+        bytes_w4 = qdata.nbytes + scale.nbytes + x.nbytes + m * n * 2
+        bytes_fp16 = w16.nbytes + x.nbytes + m * n * 2
+        rows.append({"M": m, "N": n, "K": k, "w4a16_s": t_w4, "fp16_s": t_fp16, "speedup": t_fp16 / t_w4,
+                     "w4a16_bytes": bytes_w4, "fp16_bytes": bytes_fp16,
+                     "w4a16_effective_GBps": bytes_w4 / t_w4 / 1e9, "fp16_effective_GBps": bytes_fp16 / t_fp16 / 1e9,
+                     "w4a16_floor_s": bytes_w4 / bandwidth, "fp16_floor_s": bytes_fp16 / bandwidth,
+                     "max_abs_diff_vs_twin": err})
+        print(rows[-1], flush=True)
+    write_result("quant_w4a16", {"device": torch.cuda.get_device_name(), "copy_bandwidth_GBps": bandwidth / 1e9,
+                                 "settings": {"group_size": GROUP_SIZE, "scales": "fp16", "activations": "fp16",
+                                              "timing": "median of 50 CUDA-event timings after 5 warm-ups"},
+                                 "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
