@@ -4,7 +4,7 @@
 
 A 16-layer `llmspace.memory.Transformer` (d_model 128, batch 4 × 128 tokens, fp32) on the CPU. For each
 number of segments k, `checkpointed_activation_bytes` measures the bytes saved in the forward pass and
-by the largest recomputation (the peak is their sum); the forward+backward step time is the best of 5
+by the largest recomputation (the peak is their sum); the forward+backward step time is the best of 9
 runs of CPU time (`time.process_time`, one thread), measured in the same process against the plain
 step (k = 0 means no checkpointing). CPU time rather than wall time: on a shared 2-core machine wall
 time mostly measures the neighbours, while the CPU time of a single-threaded step measures its work.
@@ -29,7 +29,7 @@ CONFIG = TransformerConfig(vocab_size=512, d_model=128, n_layers=16, n_heads=4, 
 BATCH, SEQ = 4, 128
 
 
-def cpu_time(fn, repeat: int = 5) -> float:
+def cpu_time(fn, repeat: int = 9) -> float:
     """Best CPU seconds of one call (after a warm-up call)."""
     fn()
     samples = []
@@ -65,7 +65,7 @@ def main():
         print(rows[-1], flush=True)
     path = write_result("memory_checkpoint", {
         "settings": {"config": CONFIG.__dict__, "batch": BATCH, "seq_len": SEQ, "dtype": "float32",
-                     "threads": torch.get_num_threads(), "timer": "process_time, best of 5"}, "rows": rows})
+                     "threads": torch.get_num_threads(), "timer": "process_time, best of 9"}, "rows": rows})
     print(f"wrote {path}")
 
 
