@@ -22,6 +22,7 @@ Integer ranges are ``[qmin, qmax]`` (``int8``: ``[-128, 127]``); rounding is rou
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 import torch
@@ -55,7 +56,7 @@ def quantize(value: float, scale: float, zero_point: int, qmin: int = -128, qmax
         ValueError: if ``scale`` is not a finite number > 0, or ``value`` is NaN/inf, or ``qmin > qmax``.
     """
     ### BEGIN SOLUTION
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+    if not (isinstance(scale, numbers.Real) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     if not math.isfinite(value):
         raise ValueError(f"value must be finite, got {value!r}")
