@@ -572,7 +572,8 @@ class _Checkpoint(torch.autograd.Function):
     """Run ``fn`` without saving anything; in backward, recompute it with grad enabled and back-prop.
 
     ``log`` (a list or None) receives the bytes the recomputation saved — the extra memory the
-    backward pass needs for this segment."""
+    backward pass needs for this segment. No RNG state is saved: a segment must compute the same thing
+    twice (no dropout), which ``torch.utils.checkpoint`` guarantees by restoring the RNG state."""
 
     @staticmethod
     def forward(ctx, fn, log, x, *params):
@@ -624,7 +625,8 @@ def checkpointed_activation_bytes(model: Transformer, tokens: torch.Tensor, targ
     returns the loss and the gradients (``grads``, list) so callers can check they are unchanged.
 
     ``use_torch=True`` uses ``torch.utils.checkpoint.checkpoint`` (non-reentrant) for the segments
-    instead of :func:`checkpoint_segments`."""
+    instead of :func:`checkpoint_segments`; its recomputation happens inside torch's own hooks, so
+    ``recompute`` and ``peak`` are None."""
     params = list(model.parameters())
     blocks = list(model.blocks)
     recomputed: list[int] = []
@@ -642,15 +644,11 @@ def checkpointed_activation_bytes(model: Transformer, tokens: torch.Tensor, targ
         logits = model.head(model.norm(x))
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     forward = log.bytes
-    if use_torch:
-        # torch's non-reentrant checkpoint saves through our hook; count the recomputation separately
-        with SavedTensorLog(exclude=params) as rec:
-            loss.backward()
-        recomputed = [rec.bytes // max(n_segments, 1)]
-    else:
-        loss.backward()
-    return {"forward": forward, "recompute": max(recomputed, default=0),
-            "peak": forward + max(recomputed, default=0), "loss": loss.detach(),
+    loss.backward()
+    # torch's checkpoint recomputes inside its own saved-tensor hooks, invisible to ours: no peak for it
+    recompute = None if use_torch else max(recomputed, default=0)
+    return {"forward": forward, "recompute": recompute,
+            "peak": None if use_torch else forward + recompute, "loss": loss.detach(),
             "grads": [p.grad.clone() for p in params]}
 
 
