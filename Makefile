@@ -65,10 +65,6 @@ postgres:
 	service postgresql start >/dev/null; \
 	for i in $$(seq 30); do su postgres -c "psql -qAtc 'select 1'" >/dev/null 2>&1 && break; sleep 1; done; \
 	su postgres -c "psql -qAtc \"select 1 from pg_roles where rolname='root'\"" | grep -q 1 || \
-	$(PY) benchmarks/prune_tiny_lm.py
-	$(PY) benchmarks/prune_minilm.py
-	$(PY) benchmarks/distill_tiny_lm.py
-	$(PY) benchmarks/distill_minilm.py
 	  su postgres -c "createuser --superuser root"
 
 test: venv book chromium postgres
@@ -90,6 +86,7 @@ benchmarks: venv
 	$(PY) benchmarks/prune_minilm.py
 	$(PY) benchmarks/distill_tiny_lm.py
 	$(PY) benchmarks/distill_minilm.py
+	$(PY) benchmarks/distill_speed.py
 	$(PY) benchmarks/storage_load.py
 	$(PY) benchmarks/storage_compress.py
 	$(PY) benchmarks/storage_offload_gpu.py
