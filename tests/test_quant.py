@@ -276,3 +276,15 @@ def test_bad_input_messages_name_the_argument():
         Q.quantize_per_group(torch.ones(4, 8, dtype=torch.int32), 4, 4)
     with pytest.raises(ValueError, match=r"w contains NaN or inf \(1 entries\)"):
         Q.quantize_per_group(torch.tensor([[1.0, float("inf")]]), 4, 2)
+
+
+def test_hidden_check_messages_do_not_show_inputs():
+    """nbgrader shows hidden-case messages in feedback: they name the case, never the tensors."""
+    from autograder.checks.quant import check_llm_int8_matmul, check_quantize_affine
+    from autograder.fixtures import quant_wrong as W
+    for check, wrong in [(check_quantize_affine, W.quantize_affine__half_away_from_zero),
+                         (check_llm_int8_matmul, W.llm_int8_matmul__weight_per_input_column)]:
+        with pytest.raises(CheckFailed) as info:
+            check(wrong, hidden=True)
+        message = str(info.value)
+        assert "hidden case" in message and "tensor(" not in message and "array(" not in message
