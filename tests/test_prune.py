@@ -219,6 +219,36 @@ def test_sparsity_schedule_is_cubic_and_monotone():
     assert values == sorted(values)
 
 
+def test_iterative_prune_follows_the_schedule_and_never_revives_weights():
+    """Reference: sparsity_schedule's values (Zhu & Gupta eq. 1) for the measured sparsity after each
+    round; a pruned weight stays exactly zero through later rounds of SGD fine-tuning."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    layers = {"0": model[0], "2": model[2]}
+    x, y = torch.randn(256, 32), torch.randn(256, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    seen, pruned_before = [], torch.zeros(64, 32, dtype=torch.bool)
+
+    def finetune(handle, round_):
+        nonlocal pruned_before
+        zero = model[0].weight.detach() == 0
+        assert torch.all(zero[pruned_before])       # earlier rounds' zeros are still pruned
+        pruned_before = zero
+        seen.append((round_, float(zero.float().mean())))
+        for _ in range(20):
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+            handle.reapply()
+
+    handle = P.iterative_prune(layers, 0.8, 4, finetune)
+    assert [r for r, _ in seen] == [1, 2, 3, 4]
+    for r, measured in seen:
+        assert measured == pytest.approx(round(P.sparsity_schedule(r, 4, 0.8) * 2048) / 2048)
+    assert float((model[0].weight == 0).float().mean()) == pytest.approx(0.8, abs=1 / 2048)
+    handle.remove()
+
+
 def test_sparsity_report_bytes():
     """Reference: chapter 1's CSR (llmspace.sparse.CSR.from_dense(...).nbytes with fp16 values) and the
     2:4 format's real nbytes."""

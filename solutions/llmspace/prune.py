@@ -32,7 +32,8 @@ __all__ = [
     "check_sparsity", "n_to_prune", "magnitude_mask", "global_magnitude_mask", "channel_norms",
     "structured_mask", "shrink_mlp", "head_norms", "remove_heads", "nm_mask", "is_nm_sparse",
     "Sparse24", "compress_2to4", "decompress_2to4", "compressed_2to4_bytes", "wanda_scores",
-    "wanda_mask", "input_norms", "MaskHandle", "apply_masks", "sparsity_schedule", "sparsity_report",
+    "wanda_mask", "input_norms", "MaskHandle", "apply_masks", "sparsity_schedule", "iterative_prune",
+    "sparsity_report",
     "linear_weights",
 ]
 
@@ -517,6 +518,45 @@ def sparsity_schedule(step: int, n_steps: int, final: float, initial: float = 0.
     if not 0 <= step <= n_steps:
         raise ValueError(f"step must be in [0, {n_steps}], got {step}")
     return final + (initial - final) * (1 - step / n_steps) ** 3
+
+
+def iterative_prune(layers: dict, final_sparsity: float, n_rounds: int, finetune, score=None) -> MaskHandle:
+    """Gradual pruning: ``n_rounds`` of prune → fine-tune, sparsity following :func:`sparsity_schedule`.
+
+    Args:
+        layers: ``{name: nn.Linear}`` to prune (each layer pruned to the round's sparsity).
+        final_sparsity: sparsity after the last round, in [0, 1).
+        n_rounds: number of prune → fine-tune rounds (>= 1).
+        finetune: called as ``finetune(handle, round)`` after each round's pruning; it trains the model
+            and must call ``handle.reapply()`` after every optimizer step.
+        score: ``score(name, weight) -> tensor`` of importances (default ``|weight|``). Rounds are
+            cumulative: weights pruned earlier are zero and score lowest, so they stay pruned.
+
+    Returns:
+        The last round's :class:`MaskHandle` (still enforcing the final masks).
+    """
+    if not isinstance(n_rounds, int) or n_rounds < 1:
+        raise ValueError(f"n_rounds must be a positive int, got {n_rounds!r}")
+    check_sparsity(final_sparsity)
+    score = score or (lambda name, w: w.detach().abs())
+    handle = None
+    for r in range(1, n_rounds + 1):
+        sparsity = sparsity_schedule(r, n_rounds, final_sparsity)
+        if handle is not None:
+            handle.remove()
+        pairs = []
+        for name, layer in layers.items():
+            s = score(name, layer.weight).flatten().float()
+            if handle is not None:  # a weight pruned before stays pruned, whatever its new score
+                s = s.masked_fill(layer.weight.detach().flatten() == 0, float("-inf"))
+            keep = torch.ones_like(s, dtype=torch.bool)
+            k = n_to_prune(sparsity, s.numel())
+            if k:
+                keep[torch.topk(s, k, largest=False).indices] = False
+            pairs.append((layer.weight, keep.view_as(layer.weight)))
+        handle = apply_masks(pairs)
+        finetune(handle, r)
+    return handle
 
 
 def linear_weights(model: nn.Module, skip: tuple = ()) -> dict:
