@@ -16,13 +16,7 @@ from llmspace.allocator import (MB, CachingAllocator, NoCacheAllocator, record_a
 from llmspace.memory import Transformer, TransformerConfig, count_parameters
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is as fast and does not oversubscribe a shared CPU (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def bitmap_replay(segment_size, ops):

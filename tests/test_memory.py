@@ -17,13 +17,7 @@ from llmspace.memory import (LLAMA2_7B, LLAMA2_70B, PRECISION_POLICIES, SMALL_CO
                              model_state_bytes, saved_activation_bytes, zero1_adam_step)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is as fast and does not oversubscribe a shared CPU (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(config, B, T, seed=0):

@@ -224,8 +224,29 @@ class COO:
         return sp.coo_matrix((self.data, (self.row, self.col)), shape=self.shape)
 
 
+class _Compressed:
+    """What CSR and CSC share: validated (indptr, indices, data, shape) and their byte count."""
+
+    _major = "row"  # the axis indptr compresses
+
+    def __post_init__(self):
+        arrays = _check_compressed(self._major, self.indptr, self.indices, self.data, self.shape)
+        for name, value in zip(("indptr", "indices", "data", "shape"), arrays):
+            object.__setattr__(self, name, value)
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored entries (explicit zeros included)."""
+        return int(self.data.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the three arrays: ``(n_major + 1) * pointer bytes + nnz * (index + value bytes)``."""
+        return self.indptr.nbytes + self.indices.nbytes + self.data.nbytes
+
+
 @dataclass(frozen=True, eq=False)
-class CSR:
+class CSR(_Compressed):
     """Compressed sparse row: the column indices and values of row ``i`` are
     ``indices[indptr[i]:indptr[i+1]]`` and ``data[indptr[i]:indptr[i+1]]``.
 
@@ -240,20 +261,6 @@ class CSR:
     indices: np.ndarray
     data: np.ndarray
     shape: tuple[int, int]
-
-    def __post_init__(self):
-        arrays = _check_compressed("row", self.indptr, self.indices, self.data, self.shape)
-        for name, value in zip(("indptr", "indices", "data", "shape"), arrays):
-            object.__setattr__(self, name, value)
-
-    @property
-    def nnz(self) -> int:
-        return int(self.data.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the three arrays: ``(n_rows + 1) * pointer bytes + nnz * (index + value bytes)``."""
-        return self.indptr.nbytes + self.indices.nbytes + self.data.nbytes
 
     @classmethod
     def from_dense(cls, dense) -> "CSR":
@@ -281,7 +288,7 @@ class CSR:
 
 
 @dataclass(frozen=True, eq=False)
-class CSC:
+class CSC(_Compressed):
     """Compressed sparse column: row indices and values of column ``j`` are
     ``indices[indptr[j]:indptr[j+1]]`` and ``data[indptr[j]:indptr[j+1]]``.
 
@@ -297,18 +304,7 @@ class CSC:
     data: np.ndarray
     shape: tuple[int, int]
 
-    def __post_init__(self):
-        arrays = _check_compressed("col", self.indptr, self.indices, self.data, self.shape)
-        for name, value in zip(("indptr", "indices", "data", "shape"), arrays):
-            object.__setattr__(self, name, value)
-
-    @property
-    def nnz(self) -> int:
-        return int(self.data.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        return self.indptr.nbytes + self.indices.nbytes + self.data.nbytes
+    _major = "col"
 
     @classmethod
     def from_dense(cls, dense) -> "CSC":
