@@ -120,14 +120,15 @@ chown -R "$SBX_UID:$SBX_GID" /mnt/home /mnt/tmp /mnt/work
 i=0
 for keep in $KEEP; do mkdir -p "/mnt/.keep/$i"; mount --bind "$keep" "/mnt/.keep/$i"; i=$((i+1)); done
 for hide in $HIDE; do [ -d "$hide" ] && mount -t tmpfs -o size=64k,mode=0755 llmspace-hidden "$hide"; done
+mount -t tmpfs -o size=256m,mode=1777 llmspace-tmp /tmp
+[ -d /dev/shm ] && mount -t tmpfs -o size=64m,mode=1777 llmspace-shm /dev/shm
+# Re-expose what Python needs only now, so that no later mount (e.g. /tmp above) covers it again.
 i=0
 for keep in $KEEP; do
   mkdir -p "$keep"; mount --bind "/mnt/.keep/$i" "$keep"; mount -o remount,bind,ro "$keep"
   umount "/mnt/.keep/$i"; i=$((i+1))
 done
 rmdir /mnt/.keep/* /mnt/.keep 2>/dev/null || true
-mount -t tmpfs -o size=256m,mode=1777 llmspace-tmp /tmp
-[ -d /dev/shm ] && mount -t tmpfs -o size=64m,mode=1777 llmspace-shm /dev/shm
 cd /mnt/work
 exec setpriv --reuid="$SBX_UID" --regid="$SBX_GID" --clear-groups --no-new-privs --inh-caps=-all \
   --bounding-set=-all "$PYTHON" /mnt/worker.py "$CMD_FD" "$REPLY_FD"
@@ -158,6 +159,13 @@ class Sandbox:
     # ---- lifecycle -----------------------------------------------------------------------------------
 
     def __enter__(self):
+        try:
+            return self._start()
+        except BaseException:
+            self.close()  # releases the slot lock and kills whatever started
+            raise
+
+    def _start(self):
         self.stage = Path(tempfile.mkdtemp(prefix="llmspace-stage-"))
         os.chmod(self.stage, 0o700)
         student_library(self.stage / "lib")
