@@ -21,6 +21,7 @@ private working directory — but no network or filesystem isolation.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -45,6 +46,7 @@ LIBRARY = ROOT / "solutions" / "llmspace"
 MAX_REPLY_BYTES = 256 * 2**20
 SLOT_DIR = Path("/run/llmspace-sandbox")  # one lock file per slot: slot N runs as user llmspace-sbx-N
 MAX_SLOTS = 32
+SLOTS_USED: set[int] = set()  # slots this process has run notebooks in (for audits and tests)
 _SOLUTION = re.compile(r"^([ \t]*)### BEGIN SOLUTION\n.*?^[ \t]*### END SOLUTION[ \t]*\n", re.M | re.S)
 
 
@@ -71,6 +73,14 @@ class SandboxGone(BaseException):
 def student_library(dest: Path) -> Path:
     """Copy llmspace with every solution region replaced by ``raise NotImplementedError()``."""
     target = dest / "llmspace"
+    shutil.copytree(_stripped_library(), target)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def _stripped_library() -> Path:
+    """Built once per grader process (the library does not change during a run)."""
+    target = Path(tempfile.mkdtemp(prefix="llmspace-lib-")) / "llmspace"
     shutil.copytree(LIBRARY, target, ignore=shutil.ignore_patterns("__pycache__"))
     for path in target.rglob("*.py"):
         text = path.read_text()
@@ -83,6 +93,7 @@ def student_library(dest: Path) -> Path:
 _warned = False
 
 
+@functools.lru_cache(maxsize=None)
 def isolation_available() -> tuple[bool, str]:
     if os.geteuid() != 0:
         return False, "not running as root"
@@ -263,9 +274,22 @@ class Sandbox:
                     os.close(fd)
                     continue
                 self._slot_fd = fd
+                SLOTS_USED.add(slot)
                 return slot
             time.sleep(0.1)
         raise RuntimeError("no free sandbox slot")
+
+    @staticmethod
+    def processes_of(uid: int) -> list[int]:
+        alive = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.stat(f"/proc/{entry}").st_uid == uid:
+                        alive.append(int(entry))
+                except OSError:
+                    pass
+        return alive
 
     @staticmethod
     def _wait_until_gone(uid: int, timeout: float = 10.0) -> None:
@@ -273,14 +297,7 @@ class Sandbox:
         so the next notebook in this slot starts clean (and nothing outlives its notebook)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            alive = []
-            for entry in os.listdir("/proc"):
-                if entry.isdigit():
-                    try:
-                        if os.stat(f"/proc/{entry}").st_uid == uid:
-                            alive.append(int(entry))
-                    except OSError:
-                        pass
+            alive = Sandbox.processes_of(uid)
             if not alive:
                 return
             for pid in alive:  # stragglers (should not exist outside the namespace, but be thorough)
@@ -375,3 +392,24 @@ class Sandbox:
     def call(self, name: str, args: tuple) -> dict:
         self._send({"op": "call", "name": name, "args": cloudpickle.dumps(args)})
         return self._reply(self.limits.call_seconds, f"calling {name}")
+
+
+def leftover_processes(slot: int, wait: float = 120.0) -> list[int]:
+    """Processes of a slot's user while holding the slot's lock (so no grader is using it): any process
+    found is one that outlived its notebook. Used by the tests to audit cleanup."""
+    import fcntl
+    import pwd
+    fd = os.open(SLOT_DIR / f"slot-{slot}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        end = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > end:
+                    raise TimeoutError(f"slot {slot} stayed busy for {wait} s") from None
+                time.sleep(0.1)
+        return Sandbox.processes_of(pwd.getpwnam(f"llmspace-sbx-{slot}").pw_uid)
+    finally:
+        os.close(fd)

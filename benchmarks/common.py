@@ -67,3 +67,20 @@ def write_result(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
     return path
+
+
+def cuda_seconds(fn, repeat: int = 50, warmup: int = 5, stat: str = "median") -> float:
+    """Seconds per call timed with CUDA events after warm-up; ``stat`` is "median" or "min"."""
+    import torch
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return min(times) if stat == "min" else sorted(times)[len(times) // 2]

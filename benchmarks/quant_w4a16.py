@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import cuda_seconds, write_result  # noqa: E402
 
 SHAPES = [(1, 4096, 4096), (1, 11008, 4096), (1, 4096, 11008), (4, 4096, 4096), (16, 4096, 4096),
           (16, 14336, 4096)]
@@ -28,18 +28,7 @@ GROUP_SIZE = 128
 
 def cuda_time(fn, repeat: int = 50) -> float:
     """Median seconds per call from CUDA events, after warm-up."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+    return cuda_seconds(fn, repeat=repeat, warmup=5, stat="median")
 
 
 def main() -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import cuda_seconds, write_result  # noqa: E402
 
 from llmspace.tiered import offloaded_forward, pin_module  # noqa: E402
 
@@ -27,18 +27,8 @@ N_BLOCKS, WIDTH = 16, 4096          # 16 x 4096 x 4096 fp16 = 512 MiB of weights
 BATCHES = [1, 4096]
 
 
-def cuda_seconds(fn, repeat: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return min(times)
+def best_cuda_seconds(fn, repeat: int = 5) -> float:
+    return cuda_seconds(fn, repeat=repeat, warmup=1, stat="min")
 
 
 def main() -> None:
@@ -75,9 +65,9 @@ def main() -> None:
         x = torch.randn(batch, WIDTH, device="cuda", dtype=torch.float16)
         expected = run_resident(x)
         torch.testing.assert_close(offloaded_forward(blocks, x, "cuda"), expected, rtol=2e-2, atol=2e-2)
-        t_res = cuda_seconds(lambda: run_resident(x))
-        t_sync = cuda_seconds(lambda: synchronous(x))
-        t_over = cuda_seconds(lambda: offloaded_forward(blocks, x, "cuda"))
+        t_res = best_cuda_seconds(lambda: run_resident(x))
+        t_sync = best_cuda_seconds(lambda: synchronous(x))
+        t_over = best_cuda_seconds(lambda: offloaded_forward(blocks, x, "cuda"))
         row = {"batch": batch, "resident_s": t_res, "sync_pageable_s": t_sync, "pinned_overlap_s": t_over,
                "h2d_GBps_implied": N_BLOCKS * block_bytes / t_over / 1e9,
                "overlap_speedup": t_sync / t_over}
