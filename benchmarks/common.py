@@ -15,6 +15,23 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def git_describe() -> str:
+    """``git describe --always --dirty`` of this checkout: the provenance every result records.
+
+    A copy without ``.git`` (the GPU machine gets a bare copy of the tree) passes the description in
+    ``LLMSPACE_GIT_DESCRIBE``; with neither, "unknown" (never an empty string that looks clean).
+    """
+    override = os.environ.get("LLMSPACE_GIT_DESCRIBE")
+    if override:
+        return override
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:
@@ -24,11 +41,7 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = git_describe()
     versions = {"python": platform.python_version(), "numpy": np.__version__}
     for name in ("scipy", "torch"):
         module = sys.modules.get(name)
@@ -63,6 +76,15 @@ def copy_bandwidth(nbytes: int = 256 * 2**20) -> float:
 
 
 def write_result(name: str, payload: dict) -> Path:
+    """Write ``benchmarks/results/<name>.json`` with provenance.
+
+    A dirty tree is refused unless ``LLMSPACE_ALLOW_DIRTY=1``, and then the commit field says "-dirty":
+    a number must name the code that produced it.
+    """
+    commit = git_describe()
+    if commit.endswith("-dirty") and os.environ.get("LLMSPACE_ALLOW_DIRTY") != "1":
+        raise SystemExit(f"refusing to write results/{name}.json from a dirty tree ({commit}): commit first, "
+                         "or set LLMSPACE_ALLOW_DIRTY=1 to record it as dirty")
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
