@@ -24,6 +24,8 @@ from common import cuda_seconds, write_result  # noqa: E402
 SHAPES = [(1, 4096, 4096), (1, 11008, 4096), (1, 4096, 11008), (4, 4096, 4096), (16, 4096, 4096),
           (16, 14336, 4096)]
 GROUP_SIZE = 128
+# tile sweep: (block_n, block_k); split_k is chosen by the kernel to fill the GPU
+SWEEP = [(32, 128), (32, 256), (64, 128), (64, 256), (64, 512), (128, 256)]
 
 
 def cuda_time(fn, repeat: int = 50) -> float:
@@ -55,6 +57,10 @@ def main() -> int:
         y = w4a16_matmul(x, qdata, scale, None, GROUP_SIZE, k)
         err = (y.float() - w4a16_matmul_torch(x, qdata, scale, None, GROUP_SIZE, k).float()).abs().max().item()
         t_w4 = cuda_time(lambda: w4a16_matmul(x, qdata, scale, None, GROUP_SIZE, k))
+        sweep = {f"{bn}x{bk}": cuda_time(lambda: w4a16_matmul(x, qdata, scale, None, GROUP_SIZE, k,
+                                                                block_n=bn, block_k=bk), repeat=20)
+                 for bn, bk in SWEEP}
+        t_nosplit = cuda_time(lambda: w4a16_matmul(x, qdata, scale, None, GROUP_SIZE, k, split_k=1))
         t_fp16 = cuda_time(lambda: x @ w16.T)
         bytes_w4 = qdata.nbytes + scale.nbytes + x.nbytes + m * n * 2
         bytes_fp16 = w16.nbytes + x.nbytes + m * n * 2
@@ -62,11 +68,13 @@ def main() -> int:
                      "w4a16_bytes": bytes_w4, "fp16_bytes": bytes_fp16,
                      "w4a16_effective_GBps": bytes_w4 / t_w4 / 1e9, "fp16_effective_GBps": bytes_fp16 / t_fp16 / 1e9,
                      "w4a16_floor_s": bytes_w4 / bandwidth, "fp16_floor_s": bytes_fp16 / bandwidth,
-                     "max_abs_diff_vs_twin": err})
+                     "max_abs_diff_vs_twin": err, "w4a16_split_k_1_s": t_nosplit,
+                     "sweep_s": sweep})
         print(rows[-1], flush=True)
     write_result("quant_w4a16", {"device": torch.cuda.get_device_name(), "copy_bandwidth_GBps": bandwidth / 1e9,
                                  "settings": {"group_size": GROUP_SIZE, "scales": "fp16", "activations": "fp16",
-                                              "timing": "median of 50 CUDA-event timings after 5 warm-ups"},
+                                              "timing": "median of 50 CUDA-event timings after 5 warm-ups (sweep: 20)",
+                                              "defaults": "block_n=64, block_k=256, split_k auto"},
                                  "rows": rows})
     return 0
 

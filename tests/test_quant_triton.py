@@ -52,12 +52,13 @@ def test_twin_matches_quant_linear_and_f_linear(lead, n, k, group_size, symmetri
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("block_n, block_k", [(16, 16), (32, 128)])
-def test_kernel_tile_sizes(block_n, block_k):
+@pytest.mark.parametrize("block_n, block_k, split_k", [(16, 32, 1), (32, 128, 1), (16, 32, 3), (64, 64, 2)])
+def test_kernel_tile_sizes(block_n, block_k, split_k):
+    """Tile sizes and K slices (fp32 atomic partial sums) give the same product as the twin."""
     layer = _layer(48, 160, 32, False)
     x = torch.randn(6, 160, generator=torch.Generator().manual_seed(3))
     args = (layer.qdata, layer.scale, layer.zero_point, 32, 160)
-    torch.testing.assert_close(w4a16_matmul(x, *args, block_n=block_n, block_k=block_k),
+    torch.testing.assert_close(w4a16_matmul(x, *args, block_n=block_n, block_k=block_k, split_k=split_k),
                                w4a16_matmul_torch(x, *args), rtol=1e-5, atol=1e-5)
 
 
@@ -70,6 +71,10 @@ def test_bad_input():
         w4a16_matmul(torch.ones(2, 64, dtype=torch.int32), *args)
     with pytest.raises(ValueError, match="group_size dividing K"):
         w4a16_matmul(torch.randn(2, 64), layer.qdata, layer.scale, None, 24, 64)
+    with pytest.raises(ValueError, match="block_k must be a power of two"):
+        w4a16_matmul(torch.randn(2, 64), *args, block_k=48)
+    with pytest.raises(ValueError, match="split_k must be >= 1"):
+        w4a16_matmul(torch.randn(2, 64), *args, split_k=0)
     with pytest.raises(ValueError, match="4-bit"):
         w4a16_linear(torch.randn(2, 64), Q.QuantLinear.from_linear(nn.Linear(64, 8), 8, 32))
 

@@ -36,35 +36,56 @@ def triton_available(device: torch.device | str) -> bool:
 
 
 @triton.jit
-def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, K,
+def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PER_SPLIT,
                   stride_xm, stride_qn, stride_sn, stride_ym,
-                  GROUP_SIZE: tl.constexpr, HAS_ZERO: tl.constexpr, IEEE: tl.constexpr,
+                  GROUP_SIZE: tl.constexpr, HAS_ZERO: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    # Program (n, m, s) owns the (BLOCK_M, BLOCK_N) tile of y at (m, n) and the s-th slice of K.
+    # Each byte holds the codes of k = 2j (low nibble) and k = 2j + 1 (high nibble): load it once and
+    # multiply the low nibbles by x's even columns and the high nibbles by its odd columns.
+    pid_n, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = rm < M, rn < N
+    HALF: tl.constexpr = BLOCK_K // 2
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & k_ok[None, :],
-                    other=0.0)
-        w_ok = (rn[:, None] < N) & k_ok[None, :]
-        # both nibbles of a byte are needed by neighbouring k: the byte is loaded twice, from cache
-        byte = tl.load(q_ptr + rn[:, None] * stride_qn + rk[None, :] // 2, mask=w_ok, other=0)
-        code = (byte >> ((rk[None, :] % 2) * 4).to(tl.uint8)) & 0xF
-        group = rk[None, :] // GROUP_SIZE
-        scale = tl.load(s_ptr + rn[:, None] * stride_sn + group, mask=w_ok, other=0.0).to(tl.float32)
-        q = code.to(tl.float32) - 8.0
+    k_begin = pid_s * K_PER_SPLIT                      # a multiple of BLOCK_K
+    for k0 in range(k_begin, tl.minimum(k_begin + K_PER_SPLIT, K), BLOCK_K):
+        rj = k0 // 2 + tl.arange(0, HALF)              # byte index within the row
+        k_even, k_odd = 2 * rj, 2 * rj + 1
+        e_ok, o_ok = k_even < K, k_odd < K
+        byte = tl.load(q_ptr + rn[:, None] * stride_qn + rj[None, :], mask=n_ok[:, None] & e_ok[None, :],
+                       other=0)                                        # (BLOCK_N, HALF) uint8
+        lo = (byte & 0xF).to(tl.float32) - 8.0
+        hi = (byte >> 4).to(tl.float32) - 8.0
+        g_even, g_odd = k_even // GROUP_SIZE, k_odd // GROUP_SIZE
+        s_even = tl.load(s_ptr + rn[:, None] * stride_sn + g_even[None, :], mask=n_ok[:, None] & e_ok[None, :],
+                         other=0.0).to(tl.float32)
+        s_odd = tl.load(s_ptr + rn[:, None] * stride_sn + g_odd[None, :], mask=n_ok[:, None] & o_ok[None, :],
+                        other=0.0).to(tl.float32)
         if HAS_ZERO:
-            q -= tl.load(z_ptr + rn[:, None] * stride_sn + group, mask=w_ok, other=0).to(tl.float32)
-        w = (q * scale).to(x.dtype)   # (BLOCK_N, BLOCK_K), rounded to the activation dtype like the twin
+            lo -= tl.load(z_ptr + rn[:, None] * stride_sn + g_even[None, :], mask=n_ok[:, None] & e_ok[None, :],
+                          other=0).to(tl.float32)
+            hi -= tl.load(z_ptr + rn[:, None] * stride_sn + g_odd[None, :], mask=n_ok[:, None] & o_ok[None, :],
+                          other=0).to(tl.float32)
+        x_even = tl.load(x_ptr + rm[:, None] * stride_xm + k_even[None, :], mask=m_ok[:, None] & e_ok[None, :],
+                         other=0.0)
+        x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + k_odd[None, :], mask=m_ok[:, None] & o_ok[None, :],
+                        other=0.0)
+        w_even = (lo * s_even).to(x_even.dtype)   # rounded to the activation dtype, like the twin
+        w_odd = (hi * s_odd).to(x_odd.dtype)
         if IEEE:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            acc += tl.dot(x_even, tl.trans(w_even), input_precision="ieee")
+            acc += tl.dot(x_odd, tl.trans(w_odd), input_precision="ieee")
         else:
-            acc += tl.dot(x, tl.trans(w))
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+            acc += tl.dot(x_even, tl.trans(w_even))
+            acc += tl.dot(x_odd, tl.trans(w_odd))
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    y_ok = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
+    else:                                               # y is an fp32 buffer of partial sums
+        tl.atomic_add(y_ptrs, acc, mask=y_ok)
 
 
 def _check(x, qdata, scale, zero_point, group_size, in_features):
@@ -98,32 +119,56 @@ def w4a16_matmul_torch(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor
     return (x.float() @ w.float().T).to(x.dtype)
 
 
+def _auto_split_k(device: torch.device, tiles: int, k_blocks: int) -> int:
+    """Slices of K so that about four programs per SM are in flight: a decode-shaped product has too
+    few output tiles (N / BLOCK_N) to fill a GPU, and its time is the time to stream the weights."""
+    if device.type != "cuda":
+        return 1                                        # the interpreter runs programs one at a time
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(k_blocks, -(-4 * sms // max(tiles, 1))))
+
+
 def w4a16_matmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                 group_size: int, in_features: int, *, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+                 group_size: int, in_features: int, *, block_n: int = 64, block_k: int = 256,
+                 split_k: int | None = None) -> torch.Tensor:
     """The Triton kernel: ``x`` ``(..., K)`` (fp16, bf16 or fp32) → ``(..., N)`` in ``x.dtype``.
 
-    Every program computes a ``(BLOCK_M, block_n)`` tile of ``y`` (``BLOCK_M = 16``, the smallest
-    ``tl.dot`` tile: decode batches of 1–16 rows take one tile), loading int4 codes and scales, dequantizing
-    in registers and accumulating in fp32. Any ``K`` (odd included) and any ``group_size`` dividing ``K``.
+    Every program computes a ``(BLOCK_M, block_n)`` tile of ``y`` over one slice of ``K`` (``BLOCK_M =
+    16``, the smallest ``tl.dot`` tile: decode batches of 1–16 rows take one tile), loading each packed
+    byte once, dequantizing both nibbles in registers and accumulating in fp32. ``split_k`` slices ``K``
+    across programs (partial sums meet by fp32 atomic adds; ``None`` picks enough slices to fill the GPU,
+    1 under the interpreter). Any ``K`` (odd included) and any ``group_size`` dividing ``K``;
+    ``block_k`` must be an even power of two ≥ 32.
     """
     _check(x, qdata, scale, zero_point, group_size, in_features)
     if not triton_available(x.device):
         raise RuntimeError(f"the Triton kernel needs a CUDA device or TRITON_INTERPRET=1 (x is on {x.device}); "
                            f"use w4a16_matmul_torch on the CPU")
+    if block_k < 32 or block_k & (block_k - 1):
+        raise ValueError(f"block_k must be a power of two >= 32 (two tl.dot tiles of block_k / 2), got {block_k}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features).contiguous()
     M, N = x2.shape[0], qdata.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     qdata, scale = qdata.contiguous(), scale.contiguous()
     z = zero_point.contiguous() if zero_point is not None else scale   # unused pointer when HAS_ZERO=False
     block_m = 16
-    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
-    _w4a16_kernel[grid](x2, qdata, scale, z, y, M, N, in_features,
+    k_blocks = triton.cdiv(in_features, block_k)
+    tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
+    split = _auto_split_k(x.device, tiles, k_blocks) if split_k is None else int(split_k)
+    if not 1 <= split:
+        raise ValueError(f"split_k must be >= 1, got {split_k}")
+    split = min(split, k_blocks)
+    k_per_split = triton.cdiv(k_blocks, split) * block_k
+    split = triton.cdiv(in_features, k_per_split)       # no empty slices
+    y = (torch.empty(M, N, dtype=x.dtype, device=x.device) if split == 1
+         else torch.zeros(M, N, dtype=torch.float32, device=x.device))
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), split)
+    _w4a16_kernel[grid](x2, qdata, scale, z, y, M, N, in_features, k_per_split,
                         x2.stride(0), qdata.stride(0), scale.stride(0), y.stride(0),
                         GROUP_SIZE=group_size, HAS_ZERO=zero_point is not None,
-                        IEEE=x.dtype == torch.float32,
+                        IEEE=x.dtype == torch.float32, SPLIT_K=split,
                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-    return y.reshape(*lead, N)
+    return y.to(x.dtype).reshape(*lead, N)
 
 
 def w4a16_linear(x: torch.Tensor, layer, *, use_triton: bool | None = None) -> torch.Tensor:
