@@ -26,7 +26,7 @@ SHAPES = [(1, 4096, 4096), (1, 11008, 4096), (1, 4096, 11008), (4, 4096, 4096), 
           (16, 14336, 4096)]
 GROUP_SIZE = 128
 # tile sweep: (block_n, block_k); split_k is chosen by the kernel to fill the GPU
-SWEEP = [(32, 128), (32, 256), (64, 128), (64, 256), (64, 512), (128, 256)]
+SWEEP = [(32, 64), (32, 128), (64, 64), (64, 128), (128, 128), (64, 256)]
 
 
 def cuda_time(fn, repeat: int = 50) -> float:
@@ -111,7 +111,7 @@ def main() -> int:
                                                         "so weights stream from HBM, not L2), median of 10 replays / 24; "
                                                         "eager_*: median of 50 single calls with CUDA events (launch "
                                                         "overhead included)",
-                                              "defaults": "block_n=64, block_k=256, split_k auto"},
+                                              "defaults": "block_n=64, block_k=128 (= group size), split_k auto"},
                                  "rows": rows})
     return 0
 

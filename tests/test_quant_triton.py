@@ -19,6 +19,8 @@ SHAPES = [
     ((5,), 1, 64, 16, True),         # a single output
     ((2, 3), 96, 256, 64, False),    # batched leading dimensions
     ((4,), 128, 200, 8, True),       # K not a multiple of BLOCK_K = 64, tiny groups
+    ((2,), 48, 256, 64, False),      # groups of 64: one scale per row per tile (the fast path)
+    ((3,), 40, 384, 128, True),      # groups of 128, K = 3 tiles
 ]
 
 
@@ -52,7 +54,7 @@ def test_twin_matches_quant_linear_and_f_linear(lead, n, k, group_size, symmetri
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("block_n, block_k, split_k", [(16, 32, 1), (32, 128, 1), (16, 32, 3), (64, 64, 2)])
+@pytest.mark.parametrize("block_n, block_k, split_k", [(16, 32, 1), (32, 128, 1), (16, 32, 3), (64, 64, 2), (16, None, 2)])
 def test_kernel_tile_sizes(block_n, block_k, split_k):
     """Tile sizes and K slices (fp32 atomic partial sums) give the same product as the twin."""
     layer = _layer(48, 160, 32, False)

@@ -36,9 +36,10 @@ def triton_available(device: torch.device | str) -> bool:
 
 
 @triton.jit
-def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PER_SPLIT,
+def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_BYTES, K_PER_SPLIT,
                   stride_xm, stride_qn, stride_sn, stride_ym,
                   GROUP_SIZE: tl.constexpr, HAS_ZERO: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
+                  ONE_GROUP: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Program (n, m, s) owns the (BLOCK_M, BLOCK_N) tile of y at (m, n) and the s-th slice of K.
     # Each byte holds the codes of k = 2j (low nibble) and k = 2j + 1 (high nibble): load it once and
@@ -54,20 +55,31 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PER_SPLIT,
         rj = k0 // 2 + tl.arange(0, HALF)              # byte index within the row
         k_even, k_odd = 2 * rj, 2 * rj + 1
         e_ok, o_ok = k_even < K, k_odd < K
-        byte = tl.load(q_ptr + rn[:, None] * stride_qn + rj[None, :], mask=n_ok[:, None] & e_ok[None, :],
+        # the mask depends on the byte index alone, so the row's bytes load as wide vectors
+        byte = tl.load(q_ptr + rn[:, None] * stride_qn + rj[None, :], mask=n_ok[:, None] & (rj < K_BYTES)[None, :],
                        other=0)                                        # (BLOCK_N, HALF) uint8
         lo = (byte & 0xF).to(tl.float32) - 8.0
         hi = (byte >> 4).to(tl.float32) - 8.0
-        g_even, g_odd = k_even // GROUP_SIZE, k_odd // GROUP_SIZE
-        s_even = tl.load(s_ptr + rn[:, None] * stride_sn + g_even[None, :], mask=n_ok[:, None] & e_ok[None, :],
-                         other=0.0).to(tl.float32)
-        s_odd = tl.load(s_ptr + rn[:, None] * stride_sn + g_odd[None, :], mask=n_ok[:, None] & o_ok[None, :],
-                        other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            lo -= tl.load(z_ptr + rn[:, None] * stride_sn + g_even[None, :], mask=n_ok[:, None] & e_ok[None, :],
-                          other=0).to(tl.float32)
-            hi -= tl.load(z_ptr + rn[:, None] * stride_sn + g_odd[None, :], mask=n_ok[:, None] & o_ok[None, :],
-                          other=0).to(tl.float32)
+        if ONE_GROUP:
+            # BLOCK_K divides GROUP_SIZE: the whole tile shares one scale per row, one load per row
+            g = k0 // GROUP_SIZE
+            s_row = tl.load(s_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            s_even, s_odd = s_row, s_row
+            if HAS_ZERO:
+                z_row = tl.load(z_ptr + rn * stride_sn + g, mask=n_ok, other=0).to(tl.float32)[:, None]
+                lo -= z_row
+                hi -= z_row
+        else:
+            g_even, g_odd = k_even // GROUP_SIZE, k_odd // GROUP_SIZE
+            s_even = tl.load(s_ptr + rn[:, None] * stride_sn + g_even[None, :],
+                             mask=n_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
+            s_odd = tl.load(s_ptr + rn[:, None] * stride_sn + g_odd[None, :],
+                            mask=n_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                lo -= tl.load(z_ptr + rn[:, None] * stride_sn + g_even[None, :],
+                              mask=n_ok[:, None] & e_ok[None, :], other=0).to(tl.float32)
+                hi -= tl.load(z_ptr + rn[:, None] * stride_sn + g_odd[None, :],
+                              mask=n_ok[:, None] & o_ok[None, :], other=0).to(tl.float32)
         x_even = tl.load(x_ptr + rm[:, None] * stride_xm + k_even[None, :], mask=m_ok[:, None] & e_ok[None, :],
                          other=0.0)
         x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + k_odd[None, :], mask=m_ok[:, None] & o_ok[None, :],
@@ -129,7 +141,7 @@ def _auto_split_k(device: torch.device, tiles: int, k_blocks: int) -> int:
 
 
 def w4a16_matmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                 group_size: int, in_features: int, *, block_n: int = 64, block_k: int = 256,
+                 group_size: int, in_features: int, *, block_n: int = 64, block_k: int | None = None,
                  split_k: int | None = None) -> torch.Tensor:
     """The Triton kernel: ``x`` ``(..., K)`` (fp16, bf16 or fp32) → ``(..., N)`` in ``x.dtype``.
 
@@ -138,12 +150,15 @@ def w4a16_matmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero
     byte once, dequantizing both nibbles in registers and accumulating in fp32. ``split_k`` slices ``K``
     across programs (partial sums meet by fp32 atomic adds; ``None`` picks enough slices to fill the GPU,
     1 under the interpreter). Any ``K`` (odd included) and any ``group_size`` dividing ``K``;
-    ``block_k`` must be an even power of two ≥ 32.
+    ``block_k`` must be a power of two ≥ 32; ``None`` takes the largest one ≤ 256 that divides
+    ``group_size`` (then a tile needs one scale per row, loaded once), else 256.
     """
     _check(x, qdata, scale, zero_point, group_size, in_features)
     if not triton_available(x.device):
         raise RuntimeError(f"the Triton kernel needs a CUDA device or TRITON_INTERPRET=1 (x is on {x.device}); "
                            f"use w4a16_matmul_torch on the CPU")
+    if block_k is None:
+        block_k = next((b for b in (256, 128, 64, 32) if group_size % b == 0), 256)
     if block_k < 32 or block_k & (block_k - 1):
         raise ValueError(f"block_k must be a power of two >= 32 (two tl.dot tiles of block_k / 2), got {block_k}")
     lead = x.shape[:-1]
@@ -163,10 +178,10 @@ def w4a16_matmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero
     y = (torch.empty(M, N, dtype=x.dtype, device=x.device) if split == 1
          else torch.zeros(M, N, dtype=torch.float32, device=x.device))
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), split)
-    _w4a16_kernel[grid](x2, qdata, scale, z, y, M, N, in_features, k_per_split,
+    _w4a16_kernel[grid](x2, qdata, scale, z, y, M, N, in_features, qdata.shape[1], k_per_split,
                         x2.stride(0), qdata.stride(0), scale.stride(0), y.stride(0),
                         GROUP_SIZE=group_size, HAS_ZERO=zero_point is not None,
-                        IEEE=x.dtype == torch.float32, SPLIT_K=split,
+                        IEEE=x.dtype == torch.float32, SPLIT_K=split, ONE_GROUP=group_size % block_k == 0,
                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return y.to(x.dtype).reshape(*lead, N)
 
