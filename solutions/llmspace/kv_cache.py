@@ -1,0 +1,227 @@
+"""The KV cache: the memory that dominates serving.
+
+Generating token t attends over the keys and values of tokens 0..t-1; recomputing them every step
+would cost a full forward pass over the prefix, so every serving stack keeps them. Per token and per
+layer the cache holds one key and one value vector per *key-value* head:
+
+    bytes = 2 (K and V) x n_layers x n_kv_heads x head_dim x seq_len x batch x bytes per element
+
+Grouped-query attention (GQA, Ainslie et al. 2023) shares each key-value head among several query
+heads and divides this by ``n_heads / n_kv_heads``; multi-query attention (MQA, Shazeer 2019) is the
+extreme of one key-value head. Llama-2-70B (80 layers, 8 KV heads of 128) holds
+2 x 80 x 8 x 128 x 2 B = 320 KiB per token in fp16; SmolLM2-135M (30 layers, 3 KV heads of 64)
+holds 22.5 KiB.
+"""
+from __future__ import annotations
+
+__all__ = ["kv_cache_bytes", "kv_dims", "PagedKVCache", "KVCacheFull", "paged_attention", "simulate_kv_serving"]
+
+
+def _positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def kv_dims(config) -> tuple[int, int, int]:
+    """``(n_layers, n_kv_heads, head_dim)`` of a transformers Llama-style config or a
+    :class:`llmspace.memory.TransformerConfig`.
+
+    transformers: ``num_hidden_layers``, ``num_key_value_heads`` (absent or ``None``: multi-head,
+    = ``num_attention_heads``), ``head_dim`` (absent or ``None``: ``hidden_size // num_attention_heads``).
+    llmspace: ``n_layers``, ``kv_heads``/``n_kv_heads``, ``d_model // n_heads``.
+    """
+    if hasattr(config, "num_hidden_layers"):
+        layers = config.num_hidden_layers
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    elif hasattr(config, "n_layers") and hasattr(config, "d_model"):
+        layers, heads = config.n_layers, config.n_heads
+        kv = getattr(config, "n_kv_heads", None) or heads
+        head_dim = config.d_model // heads
+    else:
+        raise TypeError(f"config must be a transformers config (num_hidden_layers, num_attention_heads, ...) "
+                        f"or an llmspace TransformerConfig, got {type(config).__name__}")
+    return _positive_int("n_layers", layers), _positive_int("n_kv_heads", kv), _positive_int("head_dim", head_dim)
+
+
+def kv_cache_bytes(config, batch_size: int, seq_len: int, dtype_bytes: float = 2) -> int:
+    """Bytes of the keys and values a decoder keeps for ``batch_size`` sequences of ``seq_len`` tokens.
+
+    Args:
+        config: a transformers Llama-style config (GQA/MQA through ``num_key_value_heads``) or an
+            :class:`llmspace.memory.TransformerConfig` (``n_kv_heads``).
+        batch_size, seq_len: positive ints (tokens cached per sequence, prompt and generated).
+        dtype_bytes: bytes per cached element: 4 fp32, 2 fp16/bf16, 1 int8/fp8, 0.5 int4 (quantized
+            caches also store scales: count those separately).
+
+    Returns ``2 * n_layers * n_kv_heads * head_dim * seq_len * batch_size * dtype_bytes`` as an int
+    (rounded up for fractional ``dtype_bytes``). Raises ``ValueError`` for a non-positive size and
+    ``TypeError`` for an unknown config.
+    """
+    layers, kv, head_dim = kv_dims(config)
+    _positive_int("batch_size", batch_size)
+    _positive_int("seq_len", seq_len)
+    if isinstance(dtype_bytes, bool) or not isinstance(dtype_bytes, (int, float)) or not dtype_bytes > 0:
+        raise ValueError(f"dtype_bytes must be a positive number, got {dtype_bytes!r}")
+    elements = 2 * layers * kv * head_dim * seq_len * batch_size
+    return int(-(-elements * dtype_bytes // 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Paged KV cache (vLLM's PagedAttention memory layout, Kwon et al. 2023)
+# --------------------------------------------------------------------------------------------------
+
+import torch  # noqa: E402  (kept below the byte formula, which needs no torch)
+
+
+class KVCacheFull(RuntimeError):
+    """No free block is left: a server would preempt or queue a sequence here."""
+
+
+class PagedKVCache:
+    """Keys and values in fixed-size blocks, found through a per-sequence block table.
+
+    A contiguous cache must reserve, per sequence, room for the longest length it may reach, because it
+    cannot grow in place; most of that room is never used. A paged cache keeps one pool of physical
+    blocks of ``block_size`` tokens; a sequence owns a list of block numbers (its block table) and takes
+    a new block only when its last one is full, so at most ``block_size - 1`` slots per sequence are
+    wasted, and a finished sequence returns its blocks to the pool at once. This is the same idea as the
+    caching allocator of this chapter (fixed-size pieces from a pool instead of one exact-size
+    allocation per request), applied to the one tensor of a server that grows token by token.
+
+    Storage: ``keys``/``values`` of shape ``(n_layers, n_blocks, block_size, n_kv_heads, head_dim)``.
+    Token ``t`` of a sequence lives in block ``table[t // block_size]``, slot ``t % block_size``.
+    """
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, *, block_size: int, n_blocks: int,
+                 dtype: torch.dtype = torch.float32):
+        for name, value in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim),
+                            ("block_size", block_size), ("n_blocks", n_blocks)):
+            _positive_int(name, value)
+        shape = (n_layers, n_blocks, block_size, n_kv_heads, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype)
+        self.values = torch.zeros(shape, dtype=dtype)
+        self.block_size, self.n_blocks = block_size, n_blocks
+        self._free = list(range(n_blocks - 1, -1, -1))      # a stack: the lowest block number first
+        self.block_tables: dict = {}
+        self.lengths: dict = {}
+
+    # ---- bookkeeping -----------------------------------------------------------------------------
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of one block across layers, keys and values."""
+        per = self.keys[:, 0].numel() * self.keys.element_size()
+        return 2 * per
+
+    def bytes_in_use(self) -> int:
+        """Bytes of the blocks owned by sequences (what a paged server has allocated)."""
+        return sum(len(t) for t in self.block_tables.values()) * self.bytes_per_block
+
+    def bytes_of_tokens(self) -> int:
+        """Bytes the cached tokens need (``kv_cache_bytes`` of the live sequences)."""
+        return sum(self.lengths.values()) * self.bytes_per_block // self.block_size
+
+    def blocks_needed(self, length: int) -> int:
+        return -(-length // self.block_size)
+
+    # ---- sequences ---------------------------------------------------------------------------------
+    def append(self, seq_id, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Cache ``T`` new tokens of ``seq_id`` (created on first use).
+
+        ``keys``/``values``: ``(n_layers, T, n_kv_heads, head_dim)``. Takes blocks from the pool as the
+        sequence crosses block boundaries; raises :class:`KVCacheFull` (caching nothing) when the pool
+        cannot hold them, ``ValueError`` on a shape mismatch.
+        """
+        expected = (self.keys.shape[0], self.keys.shape[3], self.keys.shape[4])
+        if keys.dim() != 4 or values.shape != keys.shape or (keys.shape[0], keys.shape[2], keys.shape[3]) != expected:
+            raise ValueError(f"keys and values must both be (n_layers, T, n_kv_heads, head_dim) with "
+                             f"(n_layers, n_kv_heads, head_dim) = {expected}, got {tuple(keys.shape)} and "
+                             f"{tuple(values.shape)}")
+        table = self.block_tables.get(seq_id, [])
+        length = self.lengths.get(seq_id, 0)
+        new_length = length + keys.shape[1]
+        extra = self.blocks_needed(new_length) - len(table)
+        if extra > len(self._free):
+            raise KVCacheFull(f"sequence {seq_id!r} needs {extra} more blocks, {len(self._free)} free")
+        table = table + [self._free.pop() for _ in range(extra)]
+        positions = torch.arange(length, new_length)
+        blocks = torch.tensor(table)[positions // self.block_size]
+        slots = positions % self.block_size
+        self.keys[:, blocks, slots] = keys.to(self.keys.dtype)
+        self.values[:, blocks, slots] = values.to(self.values.dtype)
+        self.block_tables[seq_id], self.lengths[seq_id] = table, new_length
+
+    def gather(self, seq_id, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``seq_id`` at ``layer`` in token order → two ``(T, n_kv_heads, head_dim)``."""
+        if seq_id not in self.block_tables:
+            raise KeyError(f"unknown sequence {seq_id!r}")
+        length = self.lengths[seq_id]
+        table = torch.tensor(self.block_tables[seq_id])
+        k = self.keys[layer, table].reshape(-1, *self.keys.shape[3:])[:length]
+        v = self.values[layer, table].reshape(-1, *self.values.shape[3:])[:length]
+        return k, v
+
+    def free(self, seq_id) -> None:
+        """Return the blocks of a finished sequence to the pool."""
+        self._free.extend(reversed(self.block_tables.pop(seq_id)))
+        del self.lengths[seq_id]
+
+
+def paged_attention(q: torch.Tensor, cache: PagedKVCache, seq_id, layer: int) -> torch.Tensor:
+    """Causal-free decode attention of the newest query over a sequence's cached keys and values.
+
+    ``q``: ``(n_heads, head_dim)`` for one new token; returns ``(n_heads, head_dim)``. Query head ``h``
+    reads key-value head ``h // (n_heads // n_kv_heads)`` (grouped-query attention). A real kernel
+    reads the blocks in place; here they are gathered first, which computes the same numbers.
+    """
+    k, v = cache.gather(seq_id, layer)                   # (T, kv, d)
+    n_heads, kv = q.shape[0], k.shape[1]
+    if n_heads % kv:
+        raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({kv})")
+    k = k.repeat_interleave(n_heads // kv, dim=1).transpose(0, 1)   # (H, T, d)
+    v = v.repeat_interleave(n_heads // kv, dim=1).transpose(0, 1)
+    scores = (k.float() @ q.float()[:, :, None]).squeeze(-1) / q.shape[-1] ** 0.5   # (H, T)
+    return (scores.softmax(-1)[:, None, :] @ v.float()).squeeze(1).to(q.dtype)
+
+
+def simulate_kv_serving(requests, *, block_size: int, max_len: int, token_bytes: int) -> dict:
+    """Replay a trace of requests under contiguous preallocation and under paging; bytes over time.
+
+    Args:
+        requests: iterable of ``(arrival_step, prompt_len, output_len)``; a request holds
+            ``prompt_len`` tokens when admitted and one more each step until ``prompt_len + output_len``,
+            then leaves. Every request is admitted on arrival (no memory limit: this measures demand).
+        block_size: tokens per block of the paged cache.
+        max_len: tokens a contiguous cache reserves per sequence (the server's maximum length; a
+            sequence must fit: ``prompt_len + output_len <= max_len``).
+        token_bytes: cache bytes per token (``kv_cache_bytes(config, 1, 1, dtype_bytes)``).
+
+    Returns per-step lists ``used`` (bytes the cached tokens need), ``paged`` (bytes of allocated
+    blocks) and ``contiguous`` (bytes reserved at ``max_len``), their peaks, and the utilisation
+    ``peak used / peak reserved`` of each policy.
+    """
+    reqs = sorted(requests)
+    for arrival, prompt, output in reqs:
+        if prompt < 1 or output < 0 or arrival < 0:
+            raise ValueError(f"bad request {(arrival, prompt, output)}")
+        if prompt + output > max_len:
+            raise ValueError(f"request of {prompt + output} tokens exceeds max_len={max_len}")
+    end = max((a + o + 1 for a, _, o in reqs), default=0)
+    used, paged, contiguous = [], [], []
+    for step in range(end):
+        live = [(prompt + step - arrival) for arrival, prompt, output in reqs if arrival <= step < arrival + output + 1]
+        used.append(sum(live) * token_bytes)
+        paged.append(sum(-(-n // block_size) for n in live) * block_size * token_bytes)
+        contiguous.append(len(live) * max_len * token_bytes)
+    peak = {name: max(series, default=0) for name, series in
+            (("used", used), ("paged", paged), ("contiguous", contiguous))}
+    return {"used": used, "paged": paged, "contiguous": contiguous, "peak_used": peak["used"],
+            "peak_paged": peak["paged"], "peak_contiguous": peak["contiguous"],
+            "paged_utilisation": peak["used"] / peak["paged"] if peak["paged"] else 1.0,
+            "contiguous_utilisation": peak["used"] / peak["contiguous"] if peak["contiguous"] else 1.0}
