@@ -212,3 +212,54 @@ def test_simulate_kv_serving_by_hand():
     assert out["paged_utilisation"] == 12 / 16 and out["contiguous_utilisation"] == 12 / 32
     with pytest.raises(ValueError, match="exceeds max_len"):
         simulate_kv_serving([(0, 10, 10)], block_size=4, max_len=16, token_bytes=1)
+
+
+# ---- KV-cache quantization ------------------------------------------------------------------------
+
+from llmspace.kv_cache import KVQuantizedLM, fake_quantize_kv, quantized_kv_bytes_per_token  # noqa: E402
+
+
+def test_fake_quantize_kv_axes_against_torch_ao():
+    """Reference: torch.fake_quantize_per_channel_affine with the same min-max parameters (per token:
+    channels of one token share a scale; per channel: tokens of one channel share it)."""
+    x = torch.randn(1, 2, 8, 4, generator=torch.Generator().manual_seed(5))
+    x[..., 1] *= 20                                          # an outlier channel
+    for axis, reduce_dim in (("token", -1), ("channel", -2)):
+        lo, hi = x.amin(reduce_dim, keepdim=True).clamp(max=0), x.amax(reduce_dim, keepdim=True).clamp(min=0)
+        scale = (hi - lo) / 255
+        zp = torch.round(-lo / scale) - 128
+        flat = x.movedim(reduce_dim, -1).reshape(-1, x.shape[reduce_dim]).T.contiguous()   # (n, groups)
+        ref = torch.fake_quantize_per_channel_affine(flat, scale.movedim(reduce_dim, -1).reshape(-1),
+                                                     zp.movedim(reduce_dim, -1).reshape(-1).int(), 1, -128, 127)
+        ref = ref.T.reshape(x.movedim(reduce_dim, -1).shape).movedim(-1, reduce_dim)
+        torch.testing.assert_close(fake_quantize_kv(x, 8, axis), ref, rtol=0, atol=1e-6)
+    err_token = (fake_quantize_kv(x, 4, "token") - x).abs().mean()
+    err_channel = (fake_quantize_kv(x, 4, "channel") - x).abs().mean()
+    assert err_channel < err_token                           # an outlier channel favours per-channel
+    with pytest.raises(ValueError, match="axis"):
+        fake_quantize_kv(x, 4, "row")
+    with pytest.raises(ValueError, match="divide"):
+        fake_quantize_kv(x, 4, "channel", group_size=3)
+
+
+def test_kv_quantized_lm_full_precision_is_identity_and_int8_is_close():
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        dense = model(ids).logits
+        same = KVQuantizedLM(model, None, None)(ids)
+        int8 = KVQuantizedLM(model, (8, "channel"), (8, "token"))(ids)
+        int2 = KVQuantizedLM(model, (2, "token"), (2, "token"))(ids)
+    torch.testing.assert_close(same, dense, rtol=0, atol=0)
+    assert (int8 - dense).abs().max() < 0.05 * dense.abs().max()
+    assert (int2 - dense).abs().max() > (int8 - dense).abs().max()
+
+
+def test_quantized_kv_bytes_per_token():
+    cfg = LlamaConfig(**SMOLLM2_DIMS)
+    fp16 = kv_cache_bytes(cfg, 1, 1, 2)
+    # int4 per token: 64 channels x 0.5 B + fp16 scale + fp16 zero point per head, keys and values
+    assert quantized_kv_bytes_per_token(cfg, 4) == 30 * 3 * 2 * (32 + 4)
+    assert fp16 / quantized_kv_bytes_per_token(cfg, 4) == pytest.approx(128 / 36)
+    assert quantized_kv_bytes_per_token(cfg, 8, key_axis="channel", group_tokens=128) == \
+        30 * 3 * ((64 + 4 * 64 / 128) + (64 + 4))

@@ -14,7 +14,8 @@ holds 22.5 KiB.
 """
 from __future__ import annotations
 
-__all__ = ["kv_cache_bytes", "kv_dims", "PagedKVCache", "KVCacheFull", "paged_attention", "simulate_kv_serving"]
+__all__ = ["kv_cache_bytes", "kv_dims", "PagedKVCache", "KVCacheFull", "paged_attention", "simulate_kv_serving",
+           "fake_quantize_kv", "quantized_kv_bytes_per_token", "KVQuantizedLM"]
 
 
 def _positive_int(name, value):
@@ -225,3 +226,75 @@ def simulate_kv_serving(requests, *, block_size: int, max_len: int, token_bytes:
             "peak_paged": peak["paged"], "peak_contiguous": peak["contiguous"],
             "paged_utilisation": peak["used"] / peak["paged"] if peak["paged"] else 1.0,
             "contiguous_utilisation": peak["used"] / peak["contiguous"] if peak["contiguous"] else 1.0}
+
+
+# --------------------------------------------------------------------------------------------------
+# KV-cache quantization (simulated: quantize, then dequantize before attention reads the cache)
+# --------------------------------------------------------------------------------------------------
+
+def fake_quantize_kv(x: torch.Tensor, bits: int, axis: str, group_size: int | None = None) -> torch.Tensor:
+    """Affine min–max round trip of cached keys or values ``(B, n_kv_heads, T, head_dim)``.
+
+    ``axis="token"``: one (scale, zero point) per token and head, over its ``head_dim`` channels
+    (values are usually quantized so). ``axis="channel"``: one per channel and head over groups of
+    ``group_size`` consecutive tokens (default: all ``T``), which is how KIVI (Liu et al. 2024) quantizes
+    *keys*: a few key channels carry much larger magnitudes than the rest (RoPE rotates pairs of
+    channels at fixed frequencies), and per-token scales would be set by those channels. Uses
+    :func:`llmspace.quant.quantize_per_group` and returns ``x``'s dtype and shape.
+    """
+    from llmspace.quant import dequantize_per_group, quantize_per_group
+    if x.dim() != 4:
+        raise ValueError(f"x must be (batch, n_kv_heads, seq_len, head_dim), got {tuple(x.shape)}")
+    if axis == "token":
+        q, scale, zp = quantize_per_group(x.float(), bits, x.shape[-1])
+        return dequantize_per_group(q, scale, zp).to(x.dtype)
+    if axis == "channel":
+        xt = x.float().transpose(-1, -2)                    # (B, H, d, T): groups along tokens
+        group = group_size or xt.shape[-1]
+        if xt.shape[-1] % group:
+            raise ValueError(f"group_size {group} must divide seq_len {xt.shape[-1]}")
+        q, scale, zp = quantize_per_group(xt, bits, group)
+        return dequantize_per_group(q, scale, zp).transpose(-1, -2).to(x.dtype)
+    raise ValueError(f"axis must be 'token' or 'channel', got {axis!r}")
+
+
+def quantized_kv_bytes_per_token(config, bits: int, *, key_axis: str = "token", value_axis: str = "token",
+                                 group_tokens: int = 128, param_bytes: int = 2) -> float:
+    """Cache bytes per token for ``bits``-bit keys and values with fp16 (``param_bytes``) scale and zero
+    point per group: per-token groups span ``head_dim`` channels, per-channel groups ``group_tokens``
+    tokens (their parameters amortised over those tokens)."""
+    layers, kv, head_dim = kv_dims(config)
+
+    def per_head(axis):
+        params = 2 * param_bytes * (1 if axis == "token" else head_dim / group_tokens)
+        return head_dim * bits / 8 + params
+    return layers * kv * (per_head(key_axis) + per_head(value_axis))
+
+
+class KVQuantizedLM(torch.nn.Module):
+    """A transformers causal LM whose KV cache is quantized: every key and value the attention reads has
+    been through :func:`fake_quantize_kv`. ``forward(input_ids)`` returns logits ``(B, T, V)``.
+
+    A real quantized cache stores the integers; the numbers attention computes with are the same.
+    ``key``/``value``: ``(bits, axis)`` or ``None`` for full precision.
+    """
+
+    def __init__(self, model, key: tuple | None, value: tuple | None, group_size: int | None = None):
+        super().__init__()
+        self.model, self.key, self.value, self.group_size = model, key, value, group_size
+
+    def _cache(self):
+        from transformers import DynamicCache
+        outer = self
+
+        class _FakeQuantCache(DynamicCache):
+            def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+                if outer.key is not None:
+                    key_states = fake_quantize_kv(key_states, *outer.key, group_size=outer.group_size)
+                if outer.value is not None:
+                    value_states = fake_quantize_kv(value_states, *outer.value, group_size=outer.group_size)
+                return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        return _FakeQuantCache()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, cache=self._cache(), use_cache=True).logits
