@@ -63,12 +63,14 @@ def token_windows(ids: torch.Tensor, window: int, n_windows: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def window_nll(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int = 4) -> torch.Tensor:
+def window_nll(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
+               progress: str | None = None) -> torch.Tensor:
     """Mean next-token negative log-likelihood (nats) of each window → float64 ``(n_windows,)``.
 
     Token ``t`` of a window is predicted from tokens ``< t`` of the same window (positions 1..T-1 are
     scored). ``model`` maps ``(B, T)`` int64 to logits ``(B, T, V)`` or to an object with ``.logits``
     (a transformers causal LM). Log-probabilities are computed in fp32 whatever the model's dtype.
+    ``progress``: a label for a tqdm progress bar over batches (``None``: no bar).
     """
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be (n, T) with T >= 2, got {tuple(windows.shape)}")
@@ -76,7 +78,11 @@ def window_nll(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int
     model.eval()
     out = []
     try:
-        for start in range(0, windows.shape[0], batch_size):
+        starts = range(0, windows.shape[0], batch_size)
+        if progress is not None:
+            from tqdm import tqdm
+            starts = tqdm(starts, desc=progress, leave=False)
+        for start in starts:
             batch = windows[start:start + batch_size]
             logits = model(batch)
             logits = getattr(logits, "logits", logits)
