@@ -32,6 +32,11 @@ def git_describe() -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
+# Taken when the benchmark starts: the code that produced a number is the code checked out at the start,
+# whatever is committed while it runs.
+DESCRIBE_AT_START = git_describe()
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:
@@ -41,7 +46,7 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    commit = git_describe()
+    commit = DESCRIBE_AT_START
     versions = {"python": platform.python_version(), "numpy": np.__version__}
     for name in ("scipy", "torch"):
         module = sys.modules.get(name)
@@ -81,7 +86,7 @@ def write_result(name: str, payload: dict) -> Path:
     A dirty tree is refused unless ``LLMSPACE_ALLOW_DIRTY=1``, and then the commit field says "-dirty":
     a number must name the code that produced it.
     """
-    commit = git_describe()
+    commit = DESCRIBE_AT_START
     if commit.endswith("-dirty") and os.environ.get("LLMSPACE_ALLOW_DIRTY") != "1":
         raise SystemExit(f"refusing to write results/{name}.json from a dirty tree ({commit}): commit first, "
                          "or set LLMSPACE_ALLOW_DIRTY=1 to record it as dirty")
