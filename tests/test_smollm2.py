@@ -209,6 +209,7 @@ def test_simulate_kv_serving_by_hand():
     assert out["used"] == [3, 4 + 6, 5 + 7]
     assert out["paged"] == [4, 4 + 8, 8 + 8]
     assert out["contiguous"] == [16, 32, 32]
+    assert out["contiguous_exact"] == [5, 12, 12] and out["contiguous_exact_utilisation"] == 1.0
     assert out["paged_utilisation"] == 12 / 16 and out["contiguous_utilisation"] == 12 / 32
     with pytest.raises(ValueError, match="exceeds max_len"):
         simulate_kv_serving([(0, 10, 10)], block_size=4, max_len=16, token_bytes=1)
@@ -263,3 +264,11 @@ def test_quantized_kv_bytes_per_token():
     assert fp16 / quantized_kv_bytes_per_token(cfg, 4) == pytest.approx(128 / 36)
     assert quantized_kv_bytes_per_token(cfg, 8, key_axis="channel", group_tokens=128) == \
         30 * 3 * ((64 + 4 * 64 / 128) + (64 + 4))
+
+
+def test_request_trace_is_deterministic_and_fits():
+    from llmspace.kv_cache import request_trace
+    a, b = request_trace(300, seed=3), request_trace(300, seed=3)
+    assert a == b and a != request_trace(300, seed=4)
+    assert all(p >= 1 and o >= 1 and p + o <= 2048 for _, p, o in a)
+    assert [r[0] for r in a] == sorted(r[0] for r in a)

@@ -15,7 +15,7 @@ holds 22.5 KiB.
 from __future__ import annotations
 
 __all__ = ["kv_cache_bytes", "kv_dims", "PagedKVCache", "KVCacheFull", "paged_attention", "simulate_kv_serving",
-           "fake_quantize_kv", "quantized_kv_bytes_per_token", "KVQuantizedLM"]
+           "fake_quantize_kv", "quantized_kv_bytes_per_token", "KVQuantizedLM", "request_trace"]
 
 
 def _positive_int(name, value):
@@ -204,8 +204,10 @@ def simulate_kv_serving(requests, *, block_size: int, max_len: int, token_bytes:
         token_bytes: cache bytes per token (``kv_cache_bytes(config, 1, 1, dtype_bytes)``).
 
     Returns per-step lists ``used`` (bytes the cached tokens need), ``paged`` (bytes of allocated
-    blocks) and ``contiguous`` (bytes reserved at ``max_len``), their peaks, and the utilisation
-    ``peak used / peak reserved`` of each policy.
+    blocks), ``contiguous`` (bytes reserved at ``max_len``) and ``contiguous_exact`` (bytes reserved
+    for each request's final length, as if the server knew it: the best a contiguous cache can do),
+    their peaks (``peak_<name>``), and the utilisation ``peak used / peak reserved`` of each policy
+    (``<name>_utilisation``).
     """
     reqs = sorted(requests)
     for arrival, prompt, output in reqs:
@@ -214,18 +216,20 @@ def simulate_kv_serving(requests, *, block_size: int, max_len: int, token_bytes:
         if prompt + output > max_len:
             raise ValueError(f"request of {prompt + output} tokens exceeds max_len={max_len}")
     end = max((a + o + 1 for a, _, o in reqs), default=0)
-    used, paged, contiguous = [], [], []
+    series = {"used": [], "paged": [], "contiguous": [], "contiguous_exact": []}
     for step in range(end):
-        live = [(prompt + step - arrival) for arrival, prompt, output in reqs if arrival <= step < arrival + output + 1]
-        used.append(sum(live) * token_bytes)
-        paged.append(sum(-(-n // block_size) for n in live) * block_size * token_bytes)
-        contiguous.append(len(live) * max_len * token_bytes)
-    peak = {name: max(series, default=0) for name, series in
-            (("used", used), ("paged", paged), ("contiguous", contiguous))}
-    return {"used": used, "paged": paged, "contiguous": contiguous, "peak_used": peak["used"],
-            "peak_paged": peak["paged"], "peak_contiguous": peak["contiguous"],
-            "paged_utilisation": peak["used"] / peak["paged"] if peak["paged"] else 1.0,
-            "contiguous_utilisation": peak["used"] / peak["contiguous"] if peak["contiguous"] else 1.0}
+        live = [(prompt + step - arrival, prompt + output) for arrival, prompt, output in reqs
+                if arrival <= step < arrival + output + 1]
+        series["used"].append(sum(n for n, _ in live) * token_bytes)
+        series["paged"].append(sum(-(-n // block_size) for n, _ in live) * block_size * token_bytes)
+        series["contiguous"].append(len(live) * max_len * token_bytes)
+        series["contiguous_exact"].append(sum(final for _, final in live) * token_bytes)
+    out = dict(series)
+    for name, values in series.items():
+        out[f"peak_{name}"] = max(values, default=0)
+    for name in ("paged", "contiguous", "contiguous_exact"):
+        out[f"{name}_utilisation"] = out["peak_used"] / out[f"peak_{name}"] if out[f"peak_{name}"] else 1.0
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,3 +302,23 @@ class KVQuantizedLM(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, cache=self._cache(), use_cache=True).logits
+
+
+
+def request_trace(n_requests: int, *, seed: int, max_len: int = 2048, mean_gap: float = 4.0,
+                  prompt_median: int = 256, output_median: int = 128) -> list[tuple[int, int, int]]:
+    """A synthetic serving trace: ``(arrival_step, prompt_len, output_len)`` per request.
+
+    Arrivals are a Poisson process (exponential gaps of mean ``mean_gap`` decode steps); prompt and
+    output lengths are log-normal (sigma 1, the heavy right tail of chat traffic) around the given
+    medians, clipped so that every request fits in ``max_len``. Deterministic for a ``seed`` (numpy
+    PCG64). A stand-in for a production trace: the *shape* (many short requests, a few long ones) is
+    what decides how much contiguous preallocation wastes.
+    """
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    arrivals = np.floor(np.cumsum(rng.exponential(mean_gap, n_requests))).astype(int)
+    prompts = np.clip(np.round(rng.lognormal(np.log(prompt_median), 1.0, n_requests)), 1, max_len // 2).astype(int)
+    outputs = np.clip(np.round(rng.lognormal(np.log(output_median), 1.0, n_requests)), 1, None).astype(int)
+    outputs = np.minimum(outputs, max_len - prompts)
+    return [(int(a), int(p), int(o)) for a, p, o in zip(arrivals, prompts, outputs)]
