@@ -408,14 +408,13 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     path = smollm2_gguf_path()
+    import contextlib
+    import io
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()      # the GGUF dequantization bar would land in the book's output
-    try:
+    # transformers draws a tqdm bar on stderr while it dequantizes the 272 GGUF tensors, whatever its
+    # progress-bar setting: keep it out of pages and logs (errors still raise)
+    with contextlib.redirect_stderr(io.StringIO()):
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
     return model.eval(), tokenizer
