@@ -29,7 +29,14 @@ QUESTION = re.compile(r"^\((?P<label>iq-[\w-]+)\)=\n:::\{dropdown\} \[(?P<level>
 
 def chapters() -> list[Path]:
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = [c["file"] for part in toc.get("parts", []) for c in part.get("chapters", [])]
+    files = []
+
+    def walk(entries):
+        for entry in entries:
+            files.append(entry["file"])
+            walk(entry.get("sections", []))   # a chapter's sub-pages carry questions too
+    for part in toc.get("parts", []):
+        walk(part.get("chapters", []))
     return [ROOT / f"{f}.md" for f in files if not f.endswith("interview")]
 
 

