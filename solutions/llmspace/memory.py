@@ -36,7 +36,8 @@ __all__ = [
     "TransformerConfig", "Transformer", "SMALL_CONFIGS", "LLAMA2_7B", "LLAMA2_70B",
     "PrecisionPolicy", "PRECISION_POLICIES", "OPTIMIZER_STATE_BYTES", "MemoryBreakdown",
     "count_parameters", "model_state_bytes", "block_activation_bytes", "activation_bytes",
-    "estimate_training_memory", "measure_training_memory", "saved_activation_bytes",
+    "estimate_training_memory", "estimate_step_peaks", "measure_training_memory", "measure_peak_bytes",
+    "measure_training_peaks", "saved_activation_bytes",
     "SavedTensorLog", "accumulate_gradients", "LiveGraphCounter", "checkpoint_segments", "checkpointed_activation_bytes",
     "zero1_adam_step", "replay_on_segment", "round_size", "MIN_BLOCK", "DynamicLossScaler", "tensor_bytes", "storage_bytes",
 ]
@@ -269,6 +270,10 @@ class MemoryBreakdown:
     activations: int = 0
     notes: str = ""
     peak_allocated: int | None = None   # measured on a GPU only: torch.cuda.max_memory_allocated
+    first_step_peak: int | None = None  # estimated: bytes live at the peak of the first step
+    peak: int | None = None             # estimated: bytes live at the peak of every later step
+    first_step_peak_phase: str = ""     # where the first step's peak falls
+    peak_phase: str = ""                # where a later step's peak falls
 
     @property
     def model_states(self) -> int:
@@ -280,7 +285,8 @@ class MemoryBreakdown:
 
     def as_dict(self) -> dict:
         return {"params": self.params, "grads": self.grads, "master": self.master,
-                "optimizer": self.optimizer, "activations": self.activations, "total": self.total}
+                "optimizer": self.optimizer, "activations": self.activations, "total": self.total,
+                "first_step_peak": self.first_step_peak, "peak": self.peak}
 
 
 def measure_training_memory(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor,
@@ -470,15 +476,26 @@ def activation_bytes(config: TransformerConfig, batch_size: int, seq_len: int, d
 def estimate_training_memory(model_or_config, batch_size: int, seq_len: int, *, policy="fp32",
                              optimizer: str | None = None, activation_dtype_bytes: int = 4,
                              zero_stage: int = 0, world_size: int = 1,
-                             checkpoint_segments: int | None = None) -> MemoryBreakdown:
+                             checkpoint_segments: int | None = None, device: str = "cpu") -> MemoryBreakdown:
     """Estimate one rank's training memory without running anything.
 
     ``model_or_config``: a :class:`Transformer` (any device, ``meta`` included) or a
     :class:`TransformerConfig`. ``batch_size`` is the per-rank micro-batch. ``policy`` names the bytes per
     parameter convention (:data:`PRECISION_POLICIES`); ``optimizer`` (a key of
     :data:`OPTIMIZER_STATE_BYTES`) replaces the policy's optimizer bytes. Returns a :class:`MemoryBreakdown` in bytes.
-    Not counted: temporary buffers inside kernels, the allocator's cache and fragmentation (see
-    :mod:`llmspace.allocator`), communication buffers, and the CUDA context (~0.3-1 GiB on a GPU).
+
+    The terms (``params`` ... ``activations``) and their sum ``total`` are *sizes*, not a peak: they never
+    all coexist. ``first_step_peak`` and ``peak`` (steady state, every step after the first) are the
+    bytes the allocator holds at the highest point of one ``zero_grad(set_to_none=True)``, forward,
+    ``backward()``, ``optimizer.step()`` step, computed by :func:`estimate_step_peaks` (where it falls:
+    ``first_step_peak_phase``, ``peak_phase``). They are predicted for plain data parallelism
+    (``zero_stage=0``, ``world_size=1``) without checkpointing, and are None otherwise. ``device``
+    ("cpu" or "cuda") selects what differs between the two: the CUDA allocator rounds every block to
+    512 bytes and ``torch.optim.Adam`` defaults to its ``foreach`` implementation there.
+
+    Not counted: temporary buffers inside kernels beyond those listed in :func:`estimate_step_peaks`,
+    the allocator's cache and fragmentation (see :mod:`llmspace.allocator`), communication buffers,
+    cuBLAS workspaces and the CUDA context (~0.3-1 GiB on a GPU).
     """
     if isinstance(model_or_config, Transformer):
         config = model_or_config.config
@@ -495,10 +512,297 @@ def estimate_training_memory(model_or_config, batch_size: int, seq_len: int, *, 
                          source=f"{policy.source}; optimizer {optimizer}")
     states = model_state_bytes(count_parameters(model_or_config), policy, zero_stage, world_size)
     acts = activation_bytes(config, batch_size, seq_len, activation_dtype_bytes, checkpoint_segments)
+    peaks = None
+    if zero_stage == 0 and world_size == 1 and checkpoint_segments is None:
+        peaks = estimate_step_peaks(config, batch_size, seq_len, policy=policy,
+                                    activation_dtype_bytes=activation_dtype_bytes, device=device)
     return MemoryBreakdown(params=states["weights"], grads=states["grads"], master=states["master"],
                            optimizer=states["optimizer"], activations=acts,
                            notes=f"policy {policy.bytes_per_param:g} B/param ({policy.source}); "
-                                 f"ZeRO-{zero_stage} over {world_size} ranks; activations per rank")
+                                 f"ZeRO-{zero_stage} over {world_size} ranks; activations per rank",
+                           first_step_peak=peaks["first_step"]["peak"] if peaks else None,
+                           peak=peaks["steady"]["peak"] if peaks else None,
+                           first_step_peak_phase=peaks["first_step"]["phase"] if peaks else "",
+                           peak_phase=peaks["steady"]["phase"] if peaks else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# The peak of a training step: estimated from the timeline of what is alive when
+# --------------------------------------------------------------------------------------------------
+
+def _block_saved_parts(config: TransformerConfig, B: int, T: int, dt: int) -> dict:
+    """What one block saves, split by the part of the block that frees it in backward (bytes).
+    The parts sum to :func:`block_activation_bytes` (tested)."""
+    tokens, d, f, h = B * T, config.d_model, config.d_ff, config.n_heads
+    norm = (2 * tokens * d * dt + 2 * tokens * 4 if config.norm == "layernorm"
+            else 3 * tokens * d * dt + tokens * 4)
+    out = tokens * d * dt                                    # attention output, saved by the projection
+    if config.attention == "sdpa":
+        core = tokens * (d + 2 * config.kv_heads * config.head_dim) * dt + B * h * T * 4
+    else:
+        core = 3 * tokens * d * dt + B * h * T * T * dt + T * T
+    mlp = (4 if config.mlp == "swiglu" else 2) * tokens * f * dt
+    return {"norm1": norm, "attention": core, "attention_out": out, "norm2": norm, "mlp": mlp}
+
+
+def _aligned(nbytes: int, alignment: int) -> int:
+    return -(-nbytes // alignment) * alignment if nbytes else 0
+
+
+def estimate_step_peaks(config: TransformerConfig, batch_size: int, seq_len: int, *, policy="fp32",
+                        activation_dtype_bytes: int = 4, device: str = "cpu") -> dict:
+    """Peak bytes of one training step of :class:`Transformer` with Adam, first step and steady state.
+
+    The step is ``zero_grad(set_to_none=True)``, ``loss = model.loss(tokens, targets)``,
+    ``loss.backward()``, ``optimizer.step()``. What the allocator holds, in bytes, at the moments
+    where the peak can fall (``R`` = resident at the start of the step: parameters, the int64 batch,
+    and from step 2 on the Adam state, which ``torch.optim.Adam`` allocates lazily in its first
+    ``step()``; ``A`` = the activations saved for backward, :func:`activation_bytes`; ``Λ`` = the
+    logits ``B·T·V``):
+
+    * **backward start** — ``R + A + 2Λ``: the cross-entropy's backward allocates the gradient of the
+      log-probabilities (``nll_loss_backward``, B·T·V) and the gradient of the logits
+      (``log_softmax_backward``, B·T·V) while the saved log-probabilities (part of ``A``) are alive.
+      The end of the forward pass, ``R + A + Λ`` (logits and log-probabilities together), is lower.
+    * **MLP and attention backward of the last block** — the first block the backward reaches, where
+      nearly all activations are still alive: the loss and the final norm have freed their saved
+      tensors and written their gradients; the MLP's backward holds the gradient of the
+      down-projection's input (B·T·d_ff; SwiGLU two more); explicit attention holds ``∂P`` and the
+      softmax's input gradient, two ``B·h·T²`` tensors, besides the saved probabilities. (Later
+      blocks hold less: fewer activations remain.)
+    * **optimizer step** — parameters + gradients + Adam state + the update's temporaries: the
+      for-loop Adam (``torch.optim.Adam`` on CPU) computes ``denom = exp_avg_sq.sqrt() / c + eps``
+      per parameter, so the square root and the quotient of one parameter coexist with the previous
+      parameter's ``denom``; ``foreach`` (the CUDA default) computes all square roots at once (one
+      more copy of every parameter); ``fused`` none.
+
+    Args:
+        config: the model's shape.
+        batch_size, seq_len: the micro-batch (``B``, ``T``).
+        policy: a :class:`PrecisionPolicy` or the name of one; the peak model is validated for
+            ``"fp32"`` (weights, gradients, Adam in fp32) — other policies scale the same terms.
+        activation_dtype_bytes: bytes per element of activations and logits.
+        device: "cpu" (exact sizes, for-loop Adam, 0-d ``step`` tensors on the device) or "cuda"
+            (every block rounded up to 512 bytes, foreach Adam, ``step`` on the host).
+
+    Returns:
+        ``{"first_step": {...}, "steady": {...}}``, each with ``peak`` (bytes), ``phase``
+        ("backward" or "optimizer"), and ``candidates`` (bytes at each moment listed above).
+    """
+    if not isinstance(config, TransformerConfig):
+        raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len),
+                        ("activation_dtype_bytes", activation_dtype_bytes)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    policy = _policy(policy)
+    align = 512 if device == "cuda" else 1
+    B, T, dt, c = batch_size, seq_len, activation_dtype_bytes, config
+    with torch.device("meta"):
+        model = Transformer(config)
+    numels = [p.numel() for p in model.parameters()]
+    per = {k: getattr(policy, k) for k in ("weights", "grads", "master", "optimizer")}
+
+    def sized(numel, bpp):
+        return _aligned(int(math.ceil(numel * bpp)), align)
+    weights = sum(sized(n, per["weights"] + per["master"]) for n in numels)
+    grads = sum(sized(n, per["grads"]) for n in numels)
+    state = sum(2 * sized(n, per["optimizer"] / 2) for n in numels) if per["optimizer"] else 0
+    if per["optimizer"] and device == "cpu":
+        state += 4 * len(numels)                          # Adam's 0-d fp32 `step`, one per parameter
+    batch = 2 * _aligned(8 * B * T, align)                # int64 tokens and targets
+    acts = activation_bytes(c, B, T, dt)
+    logits = _aligned(B * T * c.vocab_size * dt, align)
+
+    # optimizer temporaries (fp32 per element of the update)
+    temp_sizes = [_aligned(4 * n, align) for n in numels]
+    impl = "foreach" if device == "cuda" else "for-loop"
+    if not per["optimizer"]:
+        adam_temps = 0
+    elif impl == "foreach":
+        adam_temps = sum(temp_sizes)
+    else:
+        adam_temps = max((temp_sizes[i - 1] if i else 0) + 2 * temp_sizes[i] for i in range(len(temp_sizes)))
+
+    # the last block's attention backward
+    parts = _block_saved_parts(c, B, T, dt)
+    final_norm = parts["norm2"]
+    d = c.d_model
+    block_params = model.blocks[-1]
+    grads_before_attention = (sized(model.head.weight.numel(), per["grads"])
+                              + sum(sized(p.numel(), per["grads"]) for p in model.norm.parameters())
+                              + sum(sized(p.numel(), per["grads"]) for p in block_params.mlp.parameters())
+                              + sum(sized(p.numel(), per["grads"]) for p in block_params.norm2.parameters())
+                              + sum(sized(p.numel(), per["grads"]) for p in block_params.attn.proj.parameters()))
+    freed_before_attention = (B * T * c.vocab_size * dt + final_norm + parts["norm2"] + parts["mlp"]
+                              + parts["attention_out"])
+    residual_grad = B * T * d * dt
+    grads_before_mlp = (sized(model.head.weight.numel(), per["grads"])
+                        + sum(sized(p.numel(), per["grads"]) for p in model.norm.parameters())
+                        + sum(sized(p.numel(), per["grads"]) for p in block_params.mlp.down.parameters()))
+    # ∂(down's input); SwiGLU's product backward then writes ∂gate and ∂up while it is alive
+    mlp_transient = (2 if c.mlp == "swiglu" else 1) * B * T * c.d_ff * dt
+    if c.attention == "math":
+        attention_transient = 2 * B * c.n_heads * T * T * dt + B * T * d * dt   # ∂P, ∂S; ∂V
+    else:
+        attention_transient = 2 * B * T * (d + 2 * c.kv_heads * c.head_dim) * dt  # ∂q,∂k,∂v and their cat
+    out = {}
+    for step, resident_state in (("first_step", 0), ("steady", state)):
+        resident = weights + batch + resident_state
+        candidates = {
+            "backward start": resident + acts + 2 * logits,
+            "MLP backward": resident + acts - B * T * c.vocab_size * dt - final_norm + grads_before_mlp
+                            + residual_grad + mlp_transient,
+            "attention backward": resident + acts - freed_before_attention + grads_before_attention
+                                  + residual_grad + attention_transient,
+            "optimizer step": weights + batch + grads + state + adam_temps,
+        }
+        where = max(candidates, key=candidates.get)
+        out[step] = {"peak": candidates[where], "candidates": candidates,
+                     "phase": "optimizer" if where == "optimizer step" else "backward"}
+    return out
+
+
+def measure_peak_bytes(fn, device: str = "cpu") -> dict:
+    """Run ``fn()`` and measure, with the allocator's own events, the most bytes it had live.
+
+    CPU: ``torch.profiler.profile(profile_memory=True)`` reports every allocation and free of PyTorch's
+    CPU allocator (pointer, signed size in bytes, time); replaying them in time order gives the bytes
+    live after each event. Only memory allocated *inside* ``fn`` is counted: frees of older memory are
+    not reported with a size (PyTorch warns "Memory block of unknown size was allocated before the
+    profiling started") and are ignored, so build the model and the batch inside ``fn``.
+    Regions: every ``torch.profiler.record_function(label)`` that ``fn`` opens gets its own peak.
+
+    CUDA: ``torch.cuda.max_memory_allocated()`` minus ``memory_allocated()`` at the call
+    (``reset_peak_memory_stats`` first); block sizes are the allocator's (rounded to 512 bytes).
+    Regions are not available there (use one call per region).
+
+    Returns:
+        ``{"peak": int, "end": int, "regions": {label: {"peak": int, "at": op name}}}`` in bytes:
+        the highest and the final number of bytes live above the level at the call.
+    """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return {"peak": torch.cuda.max_memory_allocated() - base, "end": torch.cuda.memory_allocated() - base,
+                "regions": {}}
+    if device != "cpu":
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    from torch._C._profiler import RecordScope, _ExtraFields_Allocation
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = []
+
+    def walk(nodes, labels, op):
+        for node in nodes:
+            fields = node.extra_fields
+            if isinstance(fields, _ExtraFields_Allocation):
+                if fields.device.type == "cpu":
+                    events.append((node.start_time_ns, fields.ptr, fields.alloc_size, labels, op))
+                continue
+            user = getattr(fields, "scope", None) == RecordScope.USER_SCOPE   # record_function(label)
+            walk(node.children, labels + (node.name,) if user else labels, node.name)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree(), (), "")
+    events.sort(key=lambda e: e[0])
+    live, level, peak, regions = {}, 0, 0, {}
+    for _, ptr, size, labels, op in events:
+        if size > 0:
+            live[ptr] = live.get(ptr, 0) + size
+            level += size
+        elif ptr in live:
+            level -= live.pop(ptr)
+        else:
+            continue                        # allocated before fn: not ours
+        peak = max(peak, level)
+        for label in labels:
+            if level >= regions.get(label, {"peak": -1})["peak"]:
+                regions[label] = {"peak": level, "at": op}
+    return {"peak": peak, "end": level, "regions": regions}
+
+
+def measure_training_peaks(config: TransformerConfig, batch_size: int, seq_len: int, n_steps: int = 2,
+                           device: str = "cpu", seed: int = 0) -> list:
+    """Allocator-measured peak of each of ``n_steps`` Adam steps of a fresh :class:`Transformer`.
+
+    Builds the model, ``torch.optim.Adam`` (its default implementation for the device) and a random
+    int64 batch on ``device``, then runs ``n_steps`` steps of ``zero_grad(set_to_none=True)``,
+    ``model.loss``, ``backward``, ``step``. Everything is allocated inside the measurement, so the
+    numbers are absolute: bytes live on ``device`` counting parameters, batch, gradients, optimizer
+    state, activations and every temporary. On CUDA a warm-up step of a throw-away copy runs first so
+    that the one-time cuBLAS workspaces are not counted, and each phase is measured by its own
+    ``max_memory_allocated`` window.
+
+    Returns a list of ``{"step", "peak", "phase", "phases": {"forward", "backward", "optimizer"}}``,
+    bytes; ``phase`` names the phase holding the peak.
+    """
+    if not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+    phases = ("forward", "backward", "optimizer")
+
+    def build():
+        torch.manual_seed(seed)
+        model = Transformer(config).to(device)
+        g = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=g).to(device)
+        targets = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=g).to(device)
+        return model, torch.optim.Adam(model.parameters()), tokens, targets
+
+    def run_phase(state, phase):
+        model, opt, tokens, targets = state["objects"]
+        if phase == "forward":
+            opt.zero_grad(set_to_none=True)
+            state["loss"] = model.loss(tokens, targets)
+        elif phase == "backward":
+            state["loss"].backward()
+            state["loss"] = None
+        else:
+            opt.step()
+
+    rows = []
+    if device == "cuda":
+        warm = {"objects": build()}
+        for phase in phases:
+            run_phase(warm, phase)
+        del warm
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        state = {"objects": build()}
+        for step in range(1, n_steps + 1):
+            peaks = {}
+            for phase in phases:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                run_phase(state, phase)
+                torch.cuda.synchronize()
+                peaks[phase] = torch.cuda.max_memory_allocated() - base
+            where = max(peaks, key=peaks.get)
+            rows.append({"step": step, "peak": peaks[where], "phase": where, "phases": peaks})
+        return rows
+    if device != "cpu":
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    from torch.profiler import record_function
+
+    def program():
+        state = {"objects": build()}
+        for step in range(1, n_steps + 1):
+            for phase in phases:
+                with record_function(f"step{step}.{phase}"):
+                    run_phase(state, phase)
+
+    regions = measure_peak_bytes(program)["regions"]
+    for step in range(1, n_steps + 1):
+        peaks = {phase: regions[f"step{step}.{phase}"]["peak"] for phase in phases}
+        where = max(peaks, key=peaks.get)
+        rows.append({"step": step, "peak": peaks[where], "phase": where, "phases": peaks})
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------
