@@ -229,6 +229,48 @@ def test_gradient_accumulation_matches_large_batch():
         accumulate_gradients(model, loss_fn, tokens, targets, 3)
 
 
+def test_accumulation_with_padding_normalises_by_tokens():
+    """Per-token mean cross-entropy with padding (ignore_index): dividing each micro-batch mean by the
+    number of micro-batches gives gradients different from the full batch's (what transformers 4.46
+    fixed, huggingface/transformers#34191); weighting by token counts (ignore_index=...) matches full-batch torch autograd, also when a
+    micro-batch is all padding."""
+    config = SMALL_CONFIGS["gpt-tiny"]
+    torch.manual_seed(0)
+    model = Transformer(config)
+    tokens, targets = _batch(config, 8, 16)
+    targets = targets.clone()
+    lengths = [16, 3, 9, 1, 12, 16, 5, 2]
+    for i, n in enumerate(lengths):
+        targets[i, n:] = -100
+    targets[6:] = -100                                 # the last micro-batch (of 4) is all padding
+
+    def loss_fn(logits, y):
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+    full = loss_fn(model(tokens), targets)
+    full.backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    loss, grads = accumulate_gradients(model, loss_fn, tokens, targets, 4, ignore_index=-100)
+    assert float(loss) == pytest.approx(float(full.detach()), rel=1e-5)
+    for g, r in zip(grads, reference):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    targets_ok = targets.clone()
+    targets_ok[6:, 0] = 1                              # no all-padding micro-batch: the naive division runs
+    full = loss_fn(model(tokens), targets_ok)
+    model.zero_grad()
+    full.backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    naive, _ = accumulate_gradients(model, loss_fn, tokens, targets_ok, 4)
+    assert abs(float(naive) - float(full.detach())) > 1e-3   # the bug: a different loss and gradient
+    weighted, grads = accumulate_gradients(model, loss_fn, tokens, targets_ok, 4, ignore_index=-100)
+    assert float(weighted) == pytest.approx(float(full.detach()), rel=1e-5)
+    for g, r in zip(grads, reference):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="ignore_index"):
+        accumulate_gradients(model, loss_fn, tokens, torch.full_like(targets, -100), 4, ignore_index=-100)
+    with pytest.raises(TypeError, match="ignore_index"):
+        accumulate_gradients(model, loss_fn, tokens, targets, 4, ignore_index="pad")
+
+
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_checkpointing_same_gradients_fewer_bytes(k):
     """Our segment checkpointing and torch.utils.checkpoint give the plain gradients; the measured peak

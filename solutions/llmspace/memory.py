@@ -810,7 +810,7 @@ def measure_training_peaks(config: TransformerConfig, batch_size: int, seq_len: 
 # --------------------------------------------------------------------------------------------------
 
 def accumulate_gradients(model: nn.Module, loss_fn, inputs: torch.Tensor, targets: torch.Tensor,
-                         n_micro_batches: int) -> tuple:
+                         n_micro_batches: int, *, ignore_index: int | None = None) -> tuple:
     """Gradients of the *full-batch mean loss*, computed one micro-batch at a time.
 
     Args:
@@ -818,6 +818,15 @@ def accumulate_gradients(model: nn.Module, loss_fn, inputs: torch.Tensor, target
         loss_fn: ``loss_fn(model(x), y)`` → mean loss over the examples of ``x`` (a 0-d tensor).
         inputs, targets: the full batch, examples along dim 0 (``len(inputs) == len(targets)``).
         n_micro_batches: number of equal micro-batches; must divide the batch size.
+        ignore_index: None (default): ``loss_fn`` is a mean over examples, and each micro-batch's loss
+            is divided by ``n_micro_batches``. An int: ``loss_fn`` is a mean over the *tokens* whose
+            target is not ``ignore_index`` (``F.cross_entropy(..., ignore_index=...)`` on padded
+            sequences), so micro-batches with more padding average over fewer tokens; each one is
+            weighted by its share of the counted tokens of the whole batch (``n_i / N``) instead —
+            dividing by ``n_micro_batches`` would weight the tokens of short micro-batches more (the
+            gradient-accumulation bug of the Hugging Face ``Trainer``, fixed in transformers 4.46 by
+            huggingface/transformers#34191, which normalises by ``num_items_in_batch``). A
+            micro-batch without counted tokens contributes nothing.
 
     Returns:
         ``(loss, grads)``: the full-batch mean loss (a detached 0-d tensor) and the list of
@@ -831,13 +840,26 @@ def accumulate_gradients(model: nn.Module, loss_fn, inputs: torch.Tensor, target
         raise ValueError(f"inputs and targets must have the same length, got {len(inputs)} and {len(targets)}")
     if len(inputs) % n_micro_batches:
         raise ValueError(f"n_micro_batches ({n_micro_batches}) must divide the batch size ({len(inputs)})")
+    if ignore_index is not None and (not isinstance(ignore_index, int) or isinstance(ignore_index, bool)):
+        raise TypeError(f"ignore_index must be None or an int, got {type(ignore_index).__name__}")
     ### BEGIN SOLUTION
     for p in model.parameters():
         p.grad = None
     total = torch.zeros(())
-    for x, y in zip(inputs.chunk(n_micro_batches), targets.chunk(n_micro_batches)):
+    chunks = list(zip(inputs.chunk(n_micro_batches), targets.chunk(n_micro_batches)))
+    if ignore_index is None:
         # each micro-batch loss is a mean over B/n examples: divide by n so the sum is the full mean
-        loss = loss_fn(model(x), y) / n_micro_batches
+        weights = [1 / n_micro_batches] * len(chunks)
+    else:
+        # each micro-batch loss is a mean over its own counted tokens: weight it by its share
+        counts = [int((y != ignore_index).sum()) for _, y in chunks]
+        if sum(counts) == 0:
+            raise ValueError(f"every target equals ignore_index ({ignore_index}): the mean loss is undefined")
+        weights = [n / sum(counts) for n in counts]
+    for (x, y), weight in zip(chunks, weights):
+        if weight == 0:
+            continue                     # no counted token: its mean is 0/0, its share nothing
+        loss = loss_fn(model(x), y) * weight
         loss.backward()                  # frees this micro-batch's graph before the next forward
         total += loss.detach()
     return total, [p.grad for p in model.parameters()]
