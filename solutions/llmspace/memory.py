@@ -341,10 +341,12 @@ PRECISION_POLICIES = {
     "fp32": PrecisionPolicy(4, 4, 0, 8, "fp32 weights and grads, fp32 Adam moments"),
     # ZeRO paper (Rajbhandari et al. 2020, §3.1): fp16 weights+grads, fp32 master+moments: 2+2+12.
     "mixed-zero": PrecisionPolicy(2, 2, 4, 8, "ZeRO paper: 2 + 2 + K=12"),
-    # Megatron-LM distributed-optimizer table: bf16 weights, fp32 grads, fp32 master + moments: 18.
-    "bf16-fp32-grads": PrecisionPolicy(2, 4, 4, 8, "Megatron-LM: bf16 param, fp32 grad"),
-    # Megatron-LM: fp16 weights and fp16 grads plus an fp32 main-grad copy: 2 + (2+4) + 4 + 8 = 20.
-    "fp16-fp32-main-grads": PrecisionPolicy(2, 6, 4, 8, "Megatron-LM: fp16 param, fp16 grad + fp32 main grad"),
+    # Megatron-LM distributed-optimizer table ("float16" there means a 16-bit type, fp16 or bf16; the
+    # rows differ by the gradient dtype): 16-bit weights, fp32 grads, fp32 master + moments: 18 —
+    # the usual bf16 setup (gradients accumulated and all-reduced in fp32).
+    "bf16-fp32-grads": PrecisionPolicy(2, 4, 4, 8, "Megatron-LM: 16-bit param, fp32 grads"),
+    # Megatron-LM: 16-bit weights and 16-bit grads plus an fp32 main-grad copy: 2 + (2+4) + 4 + 8 = 20.
+    "fp16-fp32-main-grads": PrecisionPolicy(2, 6, 4, 8, "Megatron-LM: 16-bit param, 16-bit grads + fp32 main grad"),
     # Hugging Face "model memory anatomy": fp32 model + a half copy for autocast (6), fp32 grads, Adam 8.
     "autocast-hf": PrecisionPolicy(6, 4, 0, 8, "HF docs: 4+2 weights, 4 grads, 8 Adam"),
 }
