@@ -16,7 +16,7 @@ from llmspace.memory import (LLAMA2_7B, LLAMA2_70B, PRECISION_POLICIES, SMALL_CO
                              count_parameters, estimate_training_memory, measure_training_memory,
                              model_state_bytes, saved_activation_bytes, zero1_adam_step, measure_peak_bytes,
                              measure_training_peaks, estimate_step_peaks, checkpoint_segments, segment_bounds)
-from llmspace.memory import _block_saved_parts
+from llmspace.memory.peak import _block_saved_parts
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
