@@ -4,7 +4,10 @@
 
 A 16-layer `llmspace.memory.Transformer` (d_model 128, batch 4 × 128 tokens, fp32) on the CPU. For each
 number of segments k, `checkpointed_activation_bytes` measures the bytes saved in the forward pass and
-by the largest recomputation (the peak is their sum); the forward+backward step time is the best of 9
+by the largest recomputation (their sum, `saved_peak`, is what `activation_bytes(checkpoint_segments=k)`
+predicts) and, independently, the allocator's peak of the forward + backward (`allocator_peak`:
+torch.profiler memory events; saved tensors, gradients and temporaries above the resident parameters
+and batch) — the number a memory budget needs; the forward+backward step time is the best of 9
 runs of CPU time (`time.process_time`, one thread), measured in the same process against the plain
 step (k = 0 means no checkpointing). CPU time rather than wall time: on a shared 2-core machine wall
 time mostly measures the neighbours, while the CPU time of a single-threaded step measures its work.
@@ -50,8 +53,11 @@ def main():
     def plain():
         model.zero_grad(set_to_none=True)
         model.loss(tokens, targets).backward()
-    rows = [{"segments": 0, "peak": saved_activation_bytes(model, tokens, targets),
-             "estimate": activation_bytes(CONFIG, BATCH, SEQ), "seconds": cpu_time(plain)}]
+    r = checkpointed_activation_bytes(model, tokens, targets, None)
+    rows = [{"segments": 0, "forward": r["forward"], "recompute": 0, "saved_peak": r["saved_peak"],
+             "allocator_peak": r["allocator_peak"], "estimate": activation_bytes(CONFIG, BATCH, SEQ),
+             "seconds": cpu_time(plain)}]
+    assert r["forward"] == saved_activation_bytes(model, tokens, targets)
     for k in (1, 2, 3, 4, 6, 8, 16):
         r = checkpointed_activation_bytes(model, tokens, targets, k)
 
@@ -60,9 +66,15 @@ def main():
             x = checkpoint_segments(model.blocks, model.embed_tokens(tokens), k)
             F.cross_entropy(model.head(model.norm(x)).flatten(0, 1), targets.flatten()).backward()
         seconds = cpu_time(step)
-        rows.append({"segments": k, "forward": r["forward"], "recompute": r["recompute"], "peak": r["peak"],
+        rows.append({"segments": k, "forward": r["forward"], "recompute": r["recompute"],
+                     "saved_peak": r["saved_peak"], "allocator_peak": r["allocator_peak"],
                      "estimate": activation_bytes(CONFIG, BATCH, SEQ, checkpoint_segments=k), "seconds": seconds})
         print(rows[-1], flush=True)
+    plain_peak = rows[0]["allocator_peak"]
+    for row in rows[1:]:
+        print(f"k={row['segments']:2d}: allocator peak {row['allocator_peak'] / 2**20:6.2f} MiB, saving "
+              f"{plain_peak / row['allocator_peak']:.2f}x (saved bytes alone: "
+              f"{rows[0]['saved_peak'] / row['saved_peak']:.2f}x)")
     path = write_result("memory_checkpoint", {
         "settings": {"config": CONFIG.__dict__, "batch": BATCH, "seq_len": SEQ, "dtype": "float32",
                      "threads": torch.get_num_threads(), "timer": "process_time, best of 9"}, "rows": rows})

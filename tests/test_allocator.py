@@ -154,6 +154,30 @@ def test_replay_of_a_recorded_training_step():
     assert cached["peak_reserved"] >= cached["peak_allocated"] >= baseline["peak_allocated"]
 
 
+def test_zero_byte_malloc_reserves_nothing():
+    """malloc(0) is the null pointer, as in PyTorch: torch.empty(0) has no storage allocation (its
+    data_ptr is 0 and the profiler sees no allocation event); our allocators reserve and count nothing,
+    and free(None) is a no-op. Negative or non-int sizes are rejected."""
+    assert torch.empty(0).data_ptr() == 0
+    trace = record_allocation_trace(lambda: torch.empty(0, dtype=torch.uint8))
+    assert trace == []
+    for allocator in (CachingAllocator(), NoCacheAllocator()):
+        addr = allocator.malloc(0)
+        assert addr is None
+        allocator.free(addr)
+        stats = allocator.stats()
+        assert (stats["reserved"], stats["allocated"], stats["system_allocs"]) == (0, 0, 0), stats
+        with pytest.raises(ValueError, match="nbytes"):
+            allocator.malloc(-1)
+        with pytest.raises(ValueError, match="nbytes"):
+            allocator.malloc(1.5)
+    ours = CachingAllocator()
+    ours.malloc(0)
+    a = ours.malloc(1)
+    assert ours.stats()["reserved"] == 2 * MB and ours.stats()["allocated"] == 512
+    ours.free(a)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.memory_stats)")
 def test_matches_cuda_caching_allocator():
     """Reserved bytes after a sequence of allocations equal torch.cuda.memory_reserved()."""
@@ -161,7 +185,7 @@ def test_matches_cuda_caching_allocator():
     base = torch.cuda.memory_reserved()
     ours = CachingAllocator()
     keep = []
-    for n in (1, 100_000, 2 * MB, 5 * MB, 12 * MB, 300):
+    for n in (0, 1, 100_000, 0, 2 * MB, 5 * MB, 12 * MB, 300):
         keep.append(torch.empty(n, dtype=torch.uint8, device="cuda"))
         ours.malloc(n)
         assert torch.cuda.memory_reserved() - base == ours.stats()["reserved"]

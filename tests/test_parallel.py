@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from llmspace.memory import PRECISION_POLICIES, TransformerConfig, count_parameters, model_state_bytes
-from llmspace.parallel import gpipe_bubble_fraction, shard_range, spawn, strategy_worker
+from llmspace.parallel import gpipe_bubble_fraction, gpipe_step, ring_bytes_sent, shard_range, spawn, strategy_worker
 
 CONFIG = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=16,
                            bias=False)  # with biases, the key bias has an exactly-zero gradient:
 # Adam turns its rounding noise into ±lr steps, which no two summation orders reproduce
 BATCH, SEQ, STEPS, WORLD = 8, 16, 3, 2
-STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp2", "tp", "pp")
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp2", "tp", "pp", "zero1-allreduce",
+              "zero1-unused", "zero2-unused", "zero3-unused")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -53,6 +54,64 @@ def test_data_parallel_matches_single_process(results, reference, name):
     assert results[1][name]["losses"] == got["losses"]
     for p, q in zip(got["params"], ref_params.values()):
         torch.testing.assert_close(p, q.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["zero1-unused", "zero2-unused", "zero3-unused"])
+def test_zero_skips_parameter_without_gradient(results, name):
+    """A layer that never runs has no gradient: ZeroAdam (stages 1, 2, 3) skips it as torch.optim.Adam
+    does — it stays at its initial value, and everything else trains exactly like single-process
+    torch.optim.Adam on the same model."""
+    import torch.nn as nn
+
+    from llmspace.parallel import _data, _model
+    tokens, targets = _data(CONFIG, BATCH, SEQ)
+    model = _model(CONFIG)
+    model.unused = nn.Linear(CONFIG.d_model, CONFIG.d_model, bias=False)
+    initial = model.unused.weight.detach().clone()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss = model.loss(tokens, targets)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert model.unused.weight not in opt.state                # torch.optim.Adam never touched it
+    got = results[0][name]
+    assert got["losses"] == pytest.approx(losses, rel=1e-5)
+    for p, q in zip(got["params"], model.parameters()):
+        torch.testing.assert_close(p, q.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["params"][-1], initial, rtol=0, atol=0)
+
+
+def test_zero1_traffic_equals_ddp(results, reference):
+    """ZeRO-1 as reduce-scatter + all-gather sends what DDP's all-reduce sends (ring algorithms:
+    2(N-1)/N of the gradient bytes per step); the naive all-reduce + all-gather form sends 1.5x.
+    Same training either way."""
+    n = count_parameters(CONFIG)
+    ddp = ring_bytes_sent({"all_reduce": 4 * n * STEPS}, WORLD)      # DDP all-reduces every gradient once
+    rs = ring_bytes_sent(results[0]["zero1"]["comm"], WORLD)
+    ar = ring_bytes_sent(results[0]["zero1-allreduce"]["comm"], WORLD)
+    assert results[0]["zero1"]["comm"]["all_reduce"] == 0
+    assert rs == pytest.approx(ddp, rel=0.02)                          # per-parameter padding only
+    assert ar == pytest.approx(1.5 * ddp, rel=0.02)
+    assert results[0]["zero1-allreduce"]["losses"] == pytest.approx(reference[0], rel=1e-5)
+
+
+def test_gpipe_rejects_indivisible_batch_before_any_collective():
+    """A batch the micro-batch count does not divide: a clear ValueError, raised before any send/recv
+    (no process group exists here, so reaching a collective would raise a different error)."""
+    import torch.nn as nn
+    stage = nn.Linear(4, 4)
+    x, y = torch.randn(6, 4), torch.randn(6, 4)
+    with pytest.raises(ValueError, match="divisible by n_micro_batches"):
+        gpipe_step(stage, 0, 2, x, y, 4, nn.functional.mse_loss, (2, 4))
+    with pytest.raises(ValueError, match="divisible by n_micro_batches"):
+        gpipe_step(stage, 1, 2, x, y, 4, nn.functional.mse_loss, (2, 4))
+    with pytest.raises(ValueError, match="act_shape"):
+        gpipe_step(stage, 0, 2, x, y, 3, nn.functional.mse_loss, (3, 4))
+    with pytest.raises(ValueError, match="n_micro_batches"):
+        gpipe_step(stage, 0, 2, x, y, 0, nn.functional.mse_loss, (3, 4))
 
 
 @pytest.mark.parametrize("name, stage", [("ddp", 0), ("zero1", 1), ("zero2", 2), ("zero3", 3), ("fsdp2", 3)])

@@ -106,8 +106,14 @@ class CachingAllocator:
         pool.pop(bisect.bisect_left(pool, (block.size, block.addr, block.segment)))
 
     # ---- API -----------------------------------------------------------------------------------------
-    def malloc(self, nbytes: int) -> int:
-        """Allocate ``nbytes`` (rounded to 512); returns the block's address."""
+    def malloc(self, nbytes: int) -> int | None:
+        """Allocate ``nbytes`` (rounded to 512); returns the block's address. ``nbytes == 0`` reserves
+        and allocates nothing and returns None, the null pointer (PyTorch's CUDA allocator returns
+        ``nullptr`` for an empty tensor); ``free(None)`` is a no-op."""
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+            raise ValueError(f"nbytes must be a non-negative int, got {nbytes!r}")
+        if nbytes == 0:
+            return None
         size = round_size(nbytes)
         pool = self.pools[self._pool(size)]
         i = bisect.bisect_left(pool, (size, -1, -1))            # best fit: smallest size >= request
@@ -134,7 +140,10 @@ class CachingAllocator:
         return block.addr
 
     def free(self, addr: int) -> None:
-        """Return the block at ``addr`` to the cache, merged with free neighbours in its segment."""
+        """Return the block at ``addr`` to the cache, merged with free neighbours in its segment.
+        ``free(None)`` (the null pointer of a 0-byte malloc) does nothing."""
+        if addr is None:
+            return
         block = self.blocks.get(addr)
         if block is None or not block.allocated:
             raise ValueError(f"free of address {addr}, which is not allocated")
@@ -184,7 +193,11 @@ class NoCacheAllocator:
         self.next_address = self.allocated = self.peak_allocated = 0
         self.system_allocs = self.system_frees = self.mallocs = 0
 
-    def malloc(self, nbytes: int) -> int:
+    def malloc(self, nbytes: int) -> int | None:
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+            raise ValueError(f"nbytes must be a non-negative int, got {nbytes!r}")
+        if nbytes == 0:
+            return None                        # no system call for an empty allocation
         addr = self.next_address
         self.next_address += max(nbytes, 1)
         self.live[addr] = nbytes
@@ -195,6 +208,8 @@ class NoCacheAllocator:
         return addr
 
     def free(self, addr: int) -> None:
+        if addr is None:
+            return
         if addr not in self.live:
             raise ValueError(f"free of address {addr}, which is not allocated")
         self.allocated -= self.live.pop(addr)

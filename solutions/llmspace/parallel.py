@@ -5,8 +5,12 @@ pipeline parallel, written so that the same code runs on CPU (gloo) and GPU (NCC
 What each strategy keeps per rank, for ``P`` parameters on ``N`` ranks (fp32 Adam: 4 + 4 + 8 bytes):
 
 * **DDP** — everything replicated (16·P); gradients all-reduced (averaged) after backward.
-* **ZeRO-1** — optimizer state sharded (4 + 4 + 8/N); gradients all-reduced, each rank updates its
-  shard of the parameters, then an all-gather rebuilds the full parameters.
+* **ZeRO-1** — optimizer state sharded (4 + 4 + 8/N); after backward each full gradient is
+  reduce-scattered (each rank receives the average of its shard only), each rank updates its shard of
+  the parameters, then an all-gather rebuilds the full parameters. Reduce-scatter + all-gather is
+  exactly the traffic of DDP's all-reduce (a ring all-reduce *is* a reduce-scatter followed by an
+  all-gather): 2(N-1)/N of the gradient bytes per rank. All-reducing the gradients first and then
+  all-gathering the parameters — the naive form, ``stage1_all_reduce=True`` — costs 3(N-1)/N: 1.5×.
 * **ZeRO-2** — gradients sharded too (4 + 4/N + 8/N): each parameter's gradient is reduce-scattered
   the moment autograd has accumulated it, and the full-size gradient freed.
 * **ZeRO-3 / FSDP** — parameters sharded as well ((4 + 4 + 8)/N): each module all-gathers its
@@ -17,8 +21,11 @@ What each strategy keeps per rank, for ``P`` parameters on ``N`` ranks (fp32 Ada
 * **Pipeline parallel** (GPipe) — layers split across ranks; ``m`` micro-batches flow through ``p``
   stages and each stage idles for a fraction ``(p - 1) / (m + p - 1)`` of the step (the bubble).
 
-Sharding here is per parameter (each parameter flattened, padded to a multiple of ``N`` and cut into
-``N`` equal pieces), the layout FSDP2 uses; collectives: ``all_reduce``, ``reduce_scatter_single`` and
+Sharding here is per parameter: each parameter is flattened, padded to a multiple of ``N`` and cut into
+``N`` equal pieces. That is neither FSDP1's nor FSDP2's layout: FSDP1 and DeepSpeed flatten *all*
+parameters of a unit into one padded buffer and cut that; FSDP2 keeps each parameter a ``DTensor``
+chunked on dim 0 (``torch.chunk``: ``ceil(rows / N)`` rows per rank, the last ranks getting fewer or
+none), so its per-rank bytes differ from ours when ``N`` does not divide the rows. Collectives: ``all_reduce``, ``reduce_scatter_single`` and
 ``all_gather_single`` (gloo supports all three on CPU in torch 2.13; ``reduce_scatter_tensor`` and
 ``all_gather_into_tensor`` are their deprecated names).
 """
@@ -39,6 +46,7 @@ from llmspace.memory import SavedTensorLog, Transformer, TransformerConfig, stor
 __all__ = [
     "spawn", "init_process", "shard_range", "ZeroAdam", "ColumnParallelLinear", "RowParallelLinear",
     "TensorParallelMLP", "gpipe_step", "gpipe_bubble_fraction", "rank_memory", "strategy_worker",
+    "ring_bytes_sent",
 ]
 
 
@@ -99,10 +107,14 @@ class ZeroAdam:
     on the module that owns them. The fp32 parameter shard is the master copy.
     """
 
-    def __init__(self, model: nn.Module, stage: int, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, model: nn.Module, stage: int, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 stage1_all_reduce: bool = False):
         if stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
         self.model, self.stage, self.lr, self.betas, self.eps = model, stage, lr, betas, eps
+        self.stage1_all_reduce = stage1_all_reduce
+        #: bytes this rank passed to each collective (the full tensor's size): see :func:`ring_bytes_sent`
+        self.comm = {"all_reduce": 0, "reduce_scatter": 0, "all_gather": 0}
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.shards, self.exp_avg, self.exp_avg_sq, self.grad_shards = [], [], [], []
@@ -113,7 +125,7 @@ class ZeroAdam:
             self.exp_avg.append(torch.zeros_like(shard))
             self.exp_avg_sq.append(torch.zeros_like(shard))
             self.grad_shards.append(None)
-        self.step_count = 0
+        self.steps = [0] * len(self.params)        # per parameter, as torch.optim.Adam's state["step"]
         self.handles = []
         if stage >= 2:
             for i, p in enumerate(self.params):
@@ -136,9 +148,7 @@ class ZeroAdam:
     # ---- stage 2/3: gradient reduce-scatter ------------------------------------------------------
     def _make_grad_hook(self, i):
         def hook(p):
-            out = torch.empty_like(self.shards[i])
-            dist.reduce_scatter_single(out, _pad_flat(p.grad, self.world))
-            out /= self.world
+            out = self._reduce_scatter_grad(i, p.grad)
             self.grad_shards[i] = out if self.grad_shards[i] is None else self.grad_shards[i] + out
             p.grad = None                                     # the full-size gradient is gone
             if self.stage == 3:
@@ -152,6 +162,7 @@ class ZeroAdam:
             return
         full = torch.empty(self.shards[i].numel() * self.world, dtype=p.dtype, device=p.device)
         dist.all_gather_single(full, self.shards[i])
+        self.comm["all_gather"] += full.numel() * full.element_size()
         p.untyped_storage().resize_(self._full_nbytes[i])
         p.data.copy_(full[:p.numel()].view_as(p))             # .data: do not bump autograd's version
 
@@ -181,27 +192,49 @@ class ZeroAdam:
             out.append(full[:p.numel()].view(p.shape).clone())
         return out
 
+    def _reduce_scatter_grad(self, i, grad):
+        """This rank's shard of the average over ranks of parameter i's gradient."""
+        out = torch.empty_like(self.shards[i])
+        padded = _pad_flat(grad, self.world)
+        dist.reduce_scatter_single(out, padded)
+        self.comm["reduce_scatter"] += padded.numel() * padded.element_size()
+        return out.div_(self.world)
+
     # ---- the step ---------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> None:
-        self.step_count += 1
+        """One Adam step on this rank's shards. A parameter without a gradient on every rank (an unused
+        layer) is skipped, as ``torch.optim.Adam`` skips it: no state update, its step count unchanged.
+        A parameter used on some ranks but not on others is not supported (as DDP without
+        ``find_unused_parameters``): its collectives would not match."""
         beta1, beta2 = self.betas
         for i, p in enumerate(self.params):
-            if self.stage == 1:                              # full gradient on every rank: average it
-                g = p.grad.detach().clone()
-                dist.all_reduce(g)
-                start, stop = shard_range(p.numel(), self.rank, self.world)
-                grad = _pad_flat(g / self.world, self.world)[start:stop]
+            if self.stage == 1:
+                if p.grad is None:
+                    continue
+                if self.stage1_all_reduce:                   # naive form: 1.5x DDP's traffic
+                    g = p.grad.detach().clone()
+                    dist.all_reduce(g)
+                    self.comm["all_reduce"] += g.numel() * g.element_size()
+                    start, stop = shard_range(p.numel(), self.rank, self.world)
+                    grad = _pad_flat(g / self.world, self.world)[start:stop]
+                else:                                        # reduce-scatter: DDP's traffic
+                    grad = self._reduce_scatter_grad(i, p.grad.detach())
             else:
                 grad = self.grad_shards[i]
+                if grad is None:
+                    continue
+            self.steps[i] += 1
+            step = self.steps[i]
             m, v, shard = self.exp_avg[i], self.exp_avg_sq[i], self.shards[i]
             m.mul_(beta1).add_(grad, alpha=1 - beta1)
             v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (v / (1 - beta2 ** self.step_count)).sqrt_().add_(self.eps)
-            shard.addcdiv_(m, denom, value=-self.lr / (1 - beta1 ** self.step_count))
+            denom = (v / (1 - beta2 ** step)).sqrt_().add_(self.eps)
+            shard.addcdiv_(m, denom, value=-self.lr / (1 - beta1 ** step))
             if self.stage < 3:                               # rebuild the full parameter everywhere
                 full = torch.empty(shard.numel() * self.world, dtype=shard.dtype, device=shard.device)
                 dist.all_gather_single(full, shard)
+                self.comm["all_gather"] += full.numel() * full.element_size()
                 p.copy_(full[:p.numel()].view_as(p))
 
     def zero_grad(self) -> None:
@@ -216,6 +249,17 @@ class ZeroAdam:
         grads = storage_bytes([p.grad for p in self.params if p.grad is not None]) + \
             storage_bytes([g for g in self.grad_shards if g is not None])
         return {"params": params, "grads": grads, "optimizer": storage_bytes(self.exp_avg + self.exp_avg_sq)}
+
+
+def ring_bytes_sent(comm: dict, world_size: int) -> float:
+    """Bytes one rank sends for the collectives in ``comm`` (``{"all_reduce": S, "reduce_scatter": S,
+    "all_gather": S}``, S = bytes of the full tensor) under the ring algorithms: all-reduce
+    ``2(N-1)/N·S`` (a reduce-scatter then an all-gather), reduce-scatter and all-gather ``(N-1)/N·S``
+    each (Patarasuk & Yuan 2009; the NCCL performance notes' "bus bandwidth" factors)."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    f = (world_size - 1) / world_size
+    return f * (2 * comm.get("all_reduce", 0) + comm.get("reduce_scatter", 0) + comm.get("all_gather", 0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,8 +366,25 @@ def gpipe_step(stage: nn.Module, rank: int, world_size: int, inputs, targets, n_
     mean's. Returns ``loss`` (last rank; sum of the micro-batch terms), ``busy_s`` and ``wall_s``
     (compute time vs step time on this rank) and ``saved_bytes`` (activations this stage held at the
     end of the forward phase — all ``m`` micro-batches', GPipe's memory cost).
+
+    Raises ValueError, before any communication, when ``n_micro_batches`` does not divide the batch
+    this rank holds (``inputs`` on the first stage, ``targets`` on the last) or ``act_shape[0] × m``
+    differs from it. (A middle stage holds neither and trusts ``act_shape``.)
     """
+    # validate on every rank before the first send/recv: a rank that fails later would leave its
+    # peers blocked in a collective (or abort the process group)
+    if not isinstance(n_micro_batches, int) or isinstance(n_micro_batches, bool) or n_micro_batches < 1:
+        raise ValueError(f"n_micro_batches must be a positive int, got {n_micro_batches!r}")
     first, last = rank == 0, rank == world_size - 1
+    for name, batch in (("inputs", inputs if first else None), ("targets", targets if last else None)):
+        if batch is None:
+            continue
+        if len(batch) % n_micro_batches:
+            raise ValueError(f"the batch size of {name} ({len(batch)}) must be divisible by n_micro_batches "
+                             f"({n_micro_batches}): every micro-batch must have the shape act_shape")
+        if act_shape[0] * n_micro_batches != len(batch):
+            raise ValueError(f"act_shape[0] ({act_shape[0]}) × n_micro_batches ({n_micro_batches}) must equal "
+                             f"the batch size of {name} ({len(batch)})")
     outs, ins, busy, total = [], [], 0.0, torch.zeros(())
     start = time.perf_counter()
     x_chunks = inputs.chunk(n_micro_batches) if first else [None] * n_micro_batches
@@ -416,7 +477,12 @@ def strategy_worker(rank: int, world_size: int, out_dir: str, config: Transforme
                 losses.append(_mean_over_ranks(loss))
             record(name, losses, model.parameters(), rank_memory(model, opt), time.perf_counter() - start)
         elif name.startswith("zero"):
-            opt = ZeroAdam(model, stage=int(name[-1]), lr=lr)
+            # "zero1", "zero2", "zero3"; "zero1-allreduce": ZeRO-1 in its naive all-reduce form;
+            # "zeroN-unused": the model carries a layer that never runs (no gradient), which Adam skips
+            stage = int(name[4])
+            if name.endswith("-unused"):
+                model.unused = nn.Linear(config.d_model, config.d_model, bias=False)
+            opt = ZeroAdam(model, stage=stage, lr=lr, stage1_all_reduce=name.endswith("-allreduce"))
             for _ in range(steps):
                 opt.zero_grad()
                 loss = model.loss(tokens[local], targets[local])
@@ -426,6 +492,7 @@ def strategy_worker(rank: int, world_size: int, out_dir: str, config: Transforme
             memory = opt.memory()
             full = opt.gather_full_parameters()
             record(name, losses, full, memory, time.perf_counter() - start)
+            results[name]["comm"] = dict(opt.comm)
         elif name == "fsdp2":
             from torch.distributed.fsdp import fully_shard
             for block in model.blocks:

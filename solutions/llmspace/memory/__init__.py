@@ -18,6 +18,17 @@ the parameters' own storages, which are model state). The estimator also runs on
 Conventions (the "16 vs 18 vs 20 bytes per parameter" disagreement) are a :class:`PrecisionPolicy`:
 public sources differ only in which copies they count — see :data:`PRECISION_POLICIES`.
 
+Layout — one module per concern, every public name re-exported here:
+
+* :mod:`llmspace.memory.transformer` — :class:`Transformer`, its configurations, the Llama-2 shapes;
+* :mod:`llmspace.memory.measurement` — tensor and storage bytes, saved-tensor hooks, the allocator's
+  peak (:func:`measure_peak_bytes`, :func:`measure_training_peaks`);
+* this file — the estimator (conventions, model states, activations) and the exercise functions
+  (accumulation, the allocator's free list, simulated ZeRO-1);
+* :mod:`llmspace.memory.peak` — the training-step peak estimator (:func:`estimate_step_peaks`);
+* :mod:`llmspace.memory.checkpointing` — activation checkpointing from scratch and its measurement;
+* :mod:`llmspace.memory.precision` — fp16 dynamic loss scaling.
+
 The transformer here (:class:`Transformer`) is a small pre-norm decoder that can take the shape of GPT-2
 (LayerNorm, GELU MLP, learned positions, biases) or of Llama (RMSNorm, SwiGLU, grouped-query attention,
 no biases; rotary embeddings omitted — they have no parameters).
@@ -26,288 +37,32 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# one module per concern; every public name is re-exported here (``from llmspace.memory import X``)
+from llmspace.memory.transformer import (LLAMA2_7B, LLAMA2_70B, SMALL_CONFIGS, Transformer,  # noqa: F401
+                                         TransformerConfig)
+from llmspace.memory.measurement import (MemoryBreakdown, SavedTensorLog, measure_peak_bytes,  # noqa: F401
+                                         measure_training_memory, measure_training_peaks,
+                                         saved_activation_bytes, storage_bytes, tensor_bytes)
+from llmspace.memory.checkpointing import (_per_segment, checkpoint_segments,  # noqa: F401
+                                           checkpointed_activation_bytes, segment_bounds)
+from llmspace.memory.precision import DynamicLossScaler  # noqa: F401
+
 __all__ = [
     "TransformerConfig", "Transformer", "SMALL_CONFIGS", "LLAMA2_7B", "LLAMA2_70B",
     "PrecisionPolicy", "PRECISION_POLICIES", "OPTIMIZER_STATE_BYTES", "MemoryBreakdown",
     "count_parameters", "model_state_bytes", "block_activation_bytes", "activation_bytes",
-    "estimate_training_memory", "measure_training_memory", "saved_activation_bytes",
+    "estimate_training_memory", "estimate_step_peaks", "measure_training_memory", "measure_peak_bytes",
+    "measure_training_peaks", "saved_activation_bytes",
     "SavedTensorLog", "accumulate_gradients", "LiveGraphCounter", "checkpoint_segments", "checkpointed_activation_bytes",
+    "segment_bounds",
     "zero1_adam_step", "replay_on_segment", "round_size", "MIN_BLOCK", "DynamicLossScaler", "tensor_bytes", "storage_bytes",
 ]
-
-
-# --------------------------------------------------------------------------------------------------
-# A small transformer whose saved tensors we can count
-# --------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TransformerConfig:
-    """Shape of a pre-norm decoder-only transformer.
-
-    ``attention="sdpa"`` uses ``F.scaled_dot_product_attention`` (on CPU a FlashAttention-style kernel
-    that saves q, k, v, the output and one log-sum-exp per row: no ``seq_len**2`` term);
-    ``attention="math"`` writes softmax(QKᵀ)V out and saves the ``batch*heads*seq_len**2`` probabilities.
-    """
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    d_ff: int
-    max_seq_len: int = 1024
-    n_kv_heads: int | None = None          # None: multi-head attention (= n_heads)
-    norm: str = "layernorm"                # "layernorm" | "rmsnorm"
-    mlp: str = "gelu"                      # "gelu" | "swiglu"
-    bias: bool = True
-    learned_positions: bool = True
-    tie_embeddings: bool = False
-    attention: str = "sdpa"                # "sdpa" | "math"
-
-    def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if self.n_heads % self.kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
-        for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu")),
-                              ("attention", ("sdpa", "math"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.attention == "math" and self.kv_heads != self.n_heads:
-            raise ValueError("attention='math' supports only n_kv_heads == n_heads")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-
-#: Three small shapes the estimator is tested on (GPT-2-like, Llama-like with GQA, explicit attention).
-SMALL_CONFIGS = {
-    "gpt-tiny": TransformerConfig(vocab_size=512, d_model=128, n_layers=4, n_heads=4, d_ff=512),
-    "llama-tiny": TransformerConfig(vocab_size=512, d_model=128, n_layers=4, n_heads=8, d_ff=352,
-                                    n_kv_heads=2, norm="rmsnorm", mlp="swiglu", bias=False,
-                                    learned_positions=False),
-    "gpt-math-attn": TransformerConfig(vocab_size=256, d_model=96, n_layers=3, n_heads=4, d_ff=384,
-                                       attention="math", tie_embeddings=True),
-}
-#: Llama-2 shapes (Touvron et al. 2023, Table 1 / the released config.json); 6,738,415,616 and
-#: 68,976,648,192 parameters.
-LLAMA2_7B = TransformerConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, d_ff=11008,
-                              max_seq_len=4096, norm="rmsnorm", mlp="swiglu", bias=False,
-                              learned_positions=False)
-LLAMA2_70B = replace(LLAMA2_7B, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672)
-
-
-def _norm(config: TransformerConfig) -> nn.Module:
-    if config.norm == "layernorm":
-        return nn.LayerNorm(config.d_model, bias=config.bias)
-    return nn.RMSNorm(config.d_model)
-
-
-class Attention(nn.Module):
-    def __init__(self, config: TransformerConfig):
-        super().__init__()
-        self.config = config
-        kv = config.kv_heads * config.head_dim
-        self.qkv = nn.Linear(config.d_model, config.d_model + 2 * kv, bias=config.bias)
-        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, d_model)
-        c, (B, T, _) = self.config, x.shape
-        kv = c.kv_heads * c.head_dim
-        q, k, v = self.qkv(x).split([c.d_model, kv, kv], dim=-1)
-        q = q.view(B, T, c.n_heads, c.head_dim).transpose(1, 2)       # (B, h, T, hd)
-        k = k.view(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
-        v = v.view(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
-        if c.attention == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=c.kv_heads != c.n_heads)
-        else:
-            scores = (q @ k.transpose(-2, -1)) * c.head_dim ** -0.5
-            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-            y = scores.masked_fill(mask, float("-inf")).softmax(dim=-1) @ v
-        return self.proj(y.transpose(1, 2).reshape(B, T, c.d_model))
-
-
-class MLP(nn.Module):
-    def __init__(self, config: TransformerConfig):
-        super().__init__()
-        self.gated = config.mlp == "swiglu"
-        self.up = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
-        self.gate = nn.Linear(config.d_model, config.d_ff, bias=config.bias) if self.gated else None
-        self.down = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gated:
-            return self.down(F.silu(self.gate(x)) * self.up(x))
-        return self.down(F.gelu(self.up(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, config: TransformerConfig):
-        super().__init__()
-        self.norm1, self.attn = _norm(config), Attention(config)
-        self.norm2, self.mlp = _norm(config), MLP(config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class Transformer(nn.Module):
-    """Decoder-only language model. ``forward(tokens)`` → logits ``(B, T, vocab)``;
-    ``loss(tokens, targets)`` → mean next-token cross-entropy (a 0-d tensor)."""
-
-    def __init__(self, config: TransformerConfig):
-        super().__init__()
-        self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos = nn.Embedding(config.max_seq_len, config.d_model) if config.learned_positions else None
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = _norm(config)
-        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.head.weight = self.embed.weight
-
-    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens)
-        if self.pos is not None:
-            x = x + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
-        return x
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(tokens)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x))
-
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self(tokens)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-
-
-# --------------------------------------------------------------------------------------------------
-# Measuring: bytes of tensors, bytes autograd saves
-# --------------------------------------------------------------------------------------------------
-
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes of the elements a tensor *views* (``numel * element_size``); works on ``meta`` tensors."""
-    return t.numel() * t.element_size()
-
-
-def storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views and repeated tensors counted once)."""
-    seen = {}
-    for t in tensors:
-        if t is None:
-            continue
-        s = t.untyped_storage()
-        seen[(s.device.type, s.data_ptr())] = s.nbytes()
-    return sum(seen.values())
-
-
-class SavedTensorLog:
-    """Context manager recording every tensor autograd saves for backward, by storage.
-
-    ``bytes`` is the size of the distinct storages saved, excluding storages listed in ``exclude``
-    (pass the model's parameters: they are model state, not activations). A storage that autograd
-    saves from several ops (q, k and v are views of one qkv output) is counted once.
-    """
-
-    def __init__(self, exclude=()):
-        self.excluded = {t.untyped_storage().data_ptr() for t in exclude}
-        self.storages: dict[int, int] = {}
-        self.records: list[tuple[tuple, torch.dtype, int]] = []
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in self.excluded and s.data_ptr() not in self.storages:
-            self.storages[s.data_ptr()] = s.nbytes()
-            self.records.append((tuple(t.shape), t.dtype, s.nbytes()))
-        return t
-
-    @property
-    def bytes(self) -> int:
-        return sum(self.storages.values())
-
-    def __enter__(self):
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._hooks.__exit__(*exc)
-
-
-def saved_activation_bytes(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> int:
-    """Bytes autograd saves for backward during ``model.loss(tokens, targets)`` (storage-deduplicated,
-    parameters excluded). Runs one forward pass; the graph is freed before returning."""
-    with SavedTensorLog(exclude=list(model.parameters()) + list(model.buffers())) as log:
-        loss = model.loss(tokens, targets)
-    del loss
-    return log.bytes
-
-
-@dataclass
-class MemoryBreakdown:
-    """Training memory per rank, in bytes. ``total`` sums the fields; ``notes`` states the conventions."""
-    params: int = 0
-    grads: int = 0
-    master: int = 0
-    optimizer: int = 0
-    activations: int = 0
-    notes: str = ""
-    peak_allocated: int | None = None   # measured on a GPU only: torch.cuda.max_memory_allocated
-
-    @property
-    def model_states(self) -> int:
-        return self.params + self.grads + self.master + self.optimizer
-
-    @property
-    def total(self) -> int:
-        return self.model_states + self.activations
-
-    def as_dict(self) -> dict:
-        return {"params": self.params, "grads": self.grads, "master": self.master,
-                "optimizer": self.optimizer, "activations": self.activations, "total": self.total}
-
-
-def measure_training_memory(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor,
-                            optimizer: torch.optim.Optimizer) -> MemoryBreakdown:
-    """Run one training step and read every term off the tensors themselves.
-
-    params/grads: storages of ``model.parameters()`` and their ``.grad``; optimizer: every tensor in
-    ``optimizer.state`` (Adam's ``exp_avg``, ``exp_avg_sq`` and its 0-d ``step``); activations: bytes
-    saved for backward (:class:`SavedTensorLog`); on a GPU also ``peak_allocated``, the allocator's peak
-    during the step (it includes the temporaries that the other terms leave out). Leaves the model one
-    step further trained.
-    """
-    params = list(model.parameters())
-    on_gpu = params[0].is_cuda
-    optimizer.zero_grad(set_to_none=True)
-    if on_gpu:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    with SavedTensorLog(exclude=params + list(model.buffers())) as log:
-        loss = model.loss(tokens, targets)
-    loss.backward()
-    optimizer.step()
-    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    return MemoryBreakdown(params=storage_bytes(params), grads=storage_bytes(p.grad for p in params),
-                           optimizer=storage_bytes(state), activations=log.bytes,
-                           notes="measured: tensor storages; activations via saved_tensors_hooks",
-                           peak_allocated=torch.cuda.max_memory_allocated() if on_gpu else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,10 +89,12 @@ PRECISION_POLICIES = {
     "fp32": PrecisionPolicy(4, 4, 0, 8, "fp32 weights and grads, fp32 Adam moments"),
     # ZeRO paper (Rajbhandari et al. 2020, §3.1): fp16 weights+grads, fp32 master+moments: 2+2+12.
     "mixed-zero": PrecisionPolicy(2, 2, 4, 8, "ZeRO paper: 2 + 2 + K=12"),
-    # Megatron-LM distributed-optimizer table: bf16 weights, fp32 grads, fp32 master + moments: 18.
-    "bf16-fp32-grads": PrecisionPolicy(2, 4, 4, 8, "Megatron-LM: bf16 param, fp32 grad"),
-    # Megatron-LM: fp16 weights and fp16 grads plus an fp32 main-grad copy: 2 + (2+4) + 4 + 8 = 20.
-    "fp16-fp32-main-grads": PrecisionPolicy(2, 6, 4, 8, "Megatron-LM: fp16 param, fp16 grad + fp32 main grad"),
+    # Megatron-LM distributed-optimizer table ("float16" there means a 16-bit type, fp16 or bf16; the
+    # rows differ by the gradient dtype): 16-bit weights, fp32 grads, fp32 master + moments: 18 —
+    # the usual bf16 setup (gradients accumulated and all-reduced in fp32).
+    "bf16-fp32-grads": PrecisionPolicy(2, 4, 4, 8, "Megatron-LM: 16-bit param, fp32 grads"),
+    # Megatron-LM: 16-bit weights and 16-bit grads plus an fp32 main-grad copy: 2 + (2+4) + 4 + 8 = 20.
+    "fp16-fp32-main-grads": PrecisionPolicy(2, 6, 4, 8, "Megatron-LM: 16-bit param, 16-bit grads + fp32 main grad"),
     # Hugging Face "model memory anatomy": fp32 model + a half copy for autocast (6), fp32 grads, Adam 8.
     "autocast-hf": PrecisionPolicy(6, 4, 0, 8, "HF docs: 4+2 weights, 4 grads, 8 Adam"),
 }
@@ -462,23 +219,33 @@ def activation_bytes(config: TransformerConfig, batch_size: int, seq_len: int, d
     if not isinstance(checkpoint_segments, int) or not 1 <= checkpoint_segments <= c.n_layers:
         raise ValueError(f"checkpoint_segments must be an int in [1, n_layers={c.n_layers}], "
                          f"got {checkpoint_segments!r}")
-    per_segment = -(-c.n_layers // checkpoint_segments)
-    n_segments = -(-c.n_layers // per_segment)
-    return extra + n_segments * tokens * c.d_model * dtype_bytes + per_segment * block
+    per_segment = _per_segment(c.n_layers, checkpoint_segments)      # the largest segment
+    return extra + checkpoint_segments * tokens * c.d_model * dtype_bytes + per_segment * block
 
 
 def estimate_training_memory(model_or_config, batch_size: int, seq_len: int, *, policy="fp32",
                              optimizer: str | None = None, activation_dtype_bytes: int = 4,
                              zero_stage: int = 0, world_size: int = 1,
-                             checkpoint_segments: int | None = None) -> MemoryBreakdown:
+                             checkpoint_segments: int | None = None, device: str = "cpu") -> MemoryBreakdown:
     """Estimate one rank's training memory without running anything.
 
     ``model_or_config``: a :class:`Transformer` (any device, ``meta`` included) or a
     :class:`TransformerConfig`. ``batch_size`` is the per-rank micro-batch. ``policy`` names the bytes per
     parameter convention (:data:`PRECISION_POLICIES`); ``optimizer`` (a key of
     :data:`OPTIMIZER_STATE_BYTES`) replaces the policy's optimizer bytes. Returns a :class:`MemoryBreakdown` in bytes.
-    Not counted: temporary buffers inside kernels, the allocator's cache and fragmentation (see
-    :mod:`llmspace.allocator`), communication buffers, and the CUDA context (~0.3-1 GiB on a GPU).
+
+    The terms (``params`` ... ``activations``) and their sum ``total`` are *sizes*, not a peak: they never
+    all coexist. ``first_step_peak`` and ``peak`` (steady state, every step after the first) are the
+    bytes the allocator holds at the highest point of one ``zero_grad(set_to_none=True)``, forward,
+    ``backward()``, ``optimizer.step()`` step, computed by :func:`estimate_step_peaks` (where it falls:
+    ``first_step_peak_phase``, ``peak_phase``). They are predicted for plain data parallelism
+    (``zero_stage=0``, ``world_size=1``) without checkpointing, and are None otherwise. ``device``
+    ("cpu" or "cuda") selects what differs between the two: the CUDA allocator rounds every block to
+    512 bytes and ``torch.optim.Adam`` defaults to its ``foreach`` implementation there.
+
+    Not counted: temporary buffers inside kernels beyond those listed in :func:`estimate_step_peaks`,
+    the allocator's cache and fragmentation (see :mod:`llmspace.allocator`), communication buffers,
+    cuBLAS workspaces and the CUDA context (~0.3-1 GiB on a GPU).
     """
     if isinstance(model_or_config, Transformer):
         config = model_or_config.config
@@ -495,10 +262,18 @@ def estimate_training_memory(model_or_config, batch_size: int, seq_len: int, *, 
                          source=f"{policy.source}; optimizer {optimizer}")
     states = model_state_bytes(count_parameters(model_or_config), policy, zero_stage, world_size)
     acts = activation_bytes(config, batch_size, seq_len, activation_dtype_bytes, checkpoint_segments)
+    peaks = None
+    if zero_stage == 0 and world_size == 1 and checkpoint_segments is None:
+        peaks = estimate_step_peaks(config, batch_size, seq_len, policy=policy,
+                                    activation_dtype_bytes=activation_dtype_bytes, device=device)
     return MemoryBreakdown(params=states["weights"], grads=states["grads"], master=states["master"],
                            optimizer=states["optimizer"], activations=acts,
                            notes=f"policy {policy.bytes_per_param:g} B/param ({policy.source}); "
-                                 f"ZeRO-{zero_stage} over {world_size} ranks; activations per rank")
+                                 f"ZeRO-{zero_stage} over {world_size} ranks; activations per rank",
+                           first_step_peak=peaks["first_step"]["peak"] if peaks else None,
+                           peak=peaks["steady"]["peak"] if peaks else None,
+                           first_step_peak_phase=peaks["first_step"]["phase"] if peaks else "",
+                           peak_phase=peaks["steady"]["phase"] if peaks else "")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -506,7 +281,7 @@ def estimate_training_memory(model_or_config, batch_size: int, seq_len: int, *, 
 # --------------------------------------------------------------------------------------------------
 
 def accumulate_gradients(model: nn.Module, loss_fn, inputs: torch.Tensor, targets: torch.Tensor,
-                         n_micro_batches: int) -> tuple:
+                         n_micro_batches: int, *, ignore_index: int | None = None) -> tuple:
     """Gradients of the *full-batch mean loss*, computed one micro-batch at a time.
 
     Args:
@@ -514,6 +289,15 @@ def accumulate_gradients(model: nn.Module, loss_fn, inputs: torch.Tensor, target
         loss_fn: ``loss_fn(model(x), y)`` → mean loss over the examples of ``x`` (a 0-d tensor).
         inputs, targets: the full batch, examples along dim 0 (``len(inputs) == len(targets)``).
         n_micro_batches: number of equal micro-batches; must divide the batch size.
+        ignore_index: None (default): ``loss_fn`` is a mean over examples, and each micro-batch's loss
+            is divided by ``n_micro_batches``. An int: ``loss_fn`` is a mean over the *tokens* whose
+            target is not ``ignore_index`` (``F.cross_entropy(..., ignore_index=...)`` on padded
+            sequences), so micro-batches with more padding average over fewer tokens; each one is
+            weighted by its share of the counted tokens of the whole batch (``n_i / N``) instead —
+            dividing by ``n_micro_batches`` would weight the tokens of short micro-batches more (the
+            gradient-accumulation bug of the Hugging Face ``Trainer``, fixed in transformers 4.46 by
+            huggingface/transformers#34191, which normalises by ``num_items_in_batch``). A
+            micro-batch without counted tokens contributes nothing.
 
     Returns:
         ``(loss, grads)``: the full-batch mean loss (a detached 0-d tensor) and the list of
@@ -527,13 +311,26 @@ def accumulate_gradients(model: nn.Module, loss_fn, inputs: torch.Tensor, target
         raise ValueError(f"inputs and targets must have the same length, got {len(inputs)} and {len(targets)}")
     if len(inputs) % n_micro_batches:
         raise ValueError(f"n_micro_batches ({n_micro_batches}) must divide the batch size ({len(inputs)})")
+    if ignore_index is not None and (not isinstance(ignore_index, int) or isinstance(ignore_index, bool)):
+        raise TypeError(f"ignore_index must be None or an int, got {type(ignore_index).__name__}")
     ### BEGIN SOLUTION
     for p in model.parameters():
         p.grad = None
     total = torch.zeros(())
-    for x, y in zip(inputs.chunk(n_micro_batches), targets.chunk(n_micro_batches)):
+    chunks = list(zip(inputs.chunk(n_micro_batches), targets.chunk(n_micro_batches)))
+    if ignore_index is None:
         # each micro-batch loss is a mean over B/n examples: divide by n so the sum is the full mean
-        loss = loss_fn(model(x), y) / n_micro_batches
+        weights = [1 / n_micro_batches] * len(chunks)
+    else:
+        # each micro-batch loss is a mean over its own counted tokens: weight it by its share
+        counts = [int((y != ignore_index).sum()) for _, y in chunks]
+        if sum(counts) == 0:
+            raise ValueError(f"every target equals ignore_index ({ignore_index}): the mean loss is undefined")
+        weights = [n / sum(counts) for n in counts]
+    for (x, y), weight in zip(chunks, weights):
+        if weight == 0:
+            continue                     # no counted token: its mean is 0/0, its share nothing
+        loss = loss_fn(model(x), y) * weight
         loss.backward()                  # frees this micro-batch's graph before the next forward
         total += loss.detach()
     return total, [p.grad for p in model.parameters()]
@@ -562,94 +359,6 @@ class LiveGraphCounter(nn.Module):
 
     def _backward_reached(self, grad):
         self.alive -= 1
-
-
-# --------------------------------------------------------------------------------------------------
-# Activation checkpointing, from scratch
-# --------------------------------------------------------------------------------------------------
-
-class _Checkpoint(torch.autograd.Function):
-    """Run ``fn`` without saving anything; in backward, recompute it with grad enabled and back-prop.
-
-    ``log`` (a list or None) receives the bytes the recomputation saved — the extra memory the
-    backward pass needs for this segment. No RNG state is saved: a segment must compute the same thing
-    twice (no dropout), which ``torch.utils.checkpoint`` guarantees by restoring the RNG state."""
-
-    @staticmethod
-    def forward(ctx, fn, log, x, *params):
-        ctx.fn, ctx.log, ctx.n_params = fn, log, len(params)
-        ctx.save_for_backward(x)                      # the only tensor kept: the segment's input
-        with torch.no_grad():
-            return fn(x)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        x = x.detach().requires_grad_(x.requires_grad)
-        params = [p for p in _segment_params(ctx.fn)]
-        with torch.enable_grad(), SavedTensorLog(exclude=params) as saved:
-            out = ctx.fn(x)
-        if ctx.log is not None:
-            ctx.log.append(saved.bytes)
-        inputs = ([x] if x.requires_grad else []) + params
-        grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
-        grad_x = grads[0] if x.requires_grad else None
-        return (None, None, grad_x, *grads[len(inputs) - len(params):])
-
-
-def _segment_params(fn) -> list:
-    return list(fn.parameters()) if isinstance(fn, nn.Module) else []
-
-
-def checkpoint_segments(blocks, x: torch.Tensor, n_segments: int, log: list | None = None) -> torch.Tensor:
-    """Apply ``blocks`` (a sequence of modules) to ``x`` in ``n_segments`` checkpointed segments.
-
-    Each segment of ``ceil(len(blocks) / n_segments)`` consecutive blocks keeps only its input; its
-    activations are recomputed during backward (one extra forward per segment: ~1/3 more compute for
-    a forward+backward step). ``log`` receives the bytes each recomputation saved.
-    """
-    blocks = list(blocks)
-    if not isinstance(n_segments, int) or not 1 <= n_segments <= len(blocks):
-        raise ValueError(f"n_segments must be an int in [1, {len(blocks)}], got {n_segments!r}")
-    per_segment = -(-len(blocks) // n_segments)
-    for start in range(0, len(blocks), per_segment):
-        segment = nn.Sequential(*blocks[start:start + per_segment])
-        x = _Checkpoint.apply(segment, log, x, *segment.parameters())
-    return x
-
-
-def checkpointed_activation_bytes(model: Transformer, tokens: torch.Tensor, targets: torch.Tensor,
-                                  n_segments: int, use_torch: bool = False) -> dict:
-    """Measure a checkpointed :class:`Transformer` step: ``forward`` = bytes saved during the forward
-    pass, ``recompute`` = the largest segment recomputation, ``peak = forward + recompute``; also
-    returns the loss and the gradients (``grads``, list) so callers can check they are unchanged.
-
-    ``use_torch=True`` uses ``torch.utils.checkpoint.checkpoint`` (non-reentrant) for the segments
-    instead of :func:`checkpoint_segments`; its recomputation happens inside torch's own hooks, so
-    ``recompute`` and ``peak`` are None."""
-    params = list(model.parameters())
-    blocks = list(model.blocks)
-    recomputed: list[int] = []
-    for p in params:
-        p.grad = None
-    with SavedTensorLog(exclude=params + list(model.buffers())) as log:
-        x = model.embed_tokens(tokens)
-        if use_torch:
-            per_segment = -(-len(blocks) // n_segments)
-            for start in range(0, len(blocks), per_segment):
-                segment = nn.Sequential(*blocks[start:start + per_segment])
-                x = torch.utils.checkpoint.checkpoint(segment, x, use_reentrant=False)
-        else:
-            x = checkpoint_segments(blocks, x, n_segments, recomputed)
-        logits = model.head(model.norm(x))
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    forward = log.bytes
-    loss.backward()
-    # torch's checkpoint recomputes inside its own saved-tensor hooks, invisible to ours: no peak for it
-    recompute = None if use_torch else max(recomputed, default=0)
-    return {"forward": forward, "recompute": recompute,
-            "peak": None if use_torch else forward + recompute, "loss": loss.detach(),
-            "grads": [p.grad.clone() for p in params]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -775,34 +484,5 @@ def zero1_adam_step(flat_param: torch.Tensor, rank_grads: list, shard_states: li
     ### END SOLUTION
 
 
-# --------------------------------------------------------------------------------------------------
-# Mixed precision: fp16 loss scaling
-# --------------------------------------------------------------------------------------------------
-
-@dataclass
-class DynamicLossScaler:
-    """fp16 loss scaling (the algorithm of ``torch.amp.GradScaler``): multiply the loss by ``scale``
-    before backward so small gradients do not flush to zero in fp16 (smallest subnormal 6e-8); unscale
-    before the step; on inf/NaN skip the step and halve the scale; after ``growth_interval`` clean steps
-    double it. bf16 has fp32's exponent range and needs none of this."""
-    scale: float = 2.0 ** 16
-    growth_interval: int = 2000
-    clean_steps: int = 0
-    skipped: int = field(default=0)
-
-    def unscale_and_check(self, grads) -> bool:
-        """Divide ``grads`` in place by the scale; True when all are finite (the step may proceed)."""
-        finite = True
-        for g in grads:
-            if g is None:
-                continue
-            g.div_(self.scale)
-            finite &= bool(torch.isfinite(g).all())
-        if not finite:
-            self.scale /= 2
-            self.clean_steps, self.skipped = 0, self.skipped + 1
-        else:
-            self.clean_steps += 1
-            if self.clean_steps == self.growth_interval:
-                self.scale, self.clean_steps = self.scale * 2, 0
-        return finite
+# the peak estimator reads the estimator above (_policy, activation_bytes): imported last
+from llmspace.memory.peak import estimate_step_peaks  # noqa: E402,F401
