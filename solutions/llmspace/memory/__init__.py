@@ -52,9 +52,11 @@ from llmspace.memory.measurement import (MemoryBreakdown, SavedTensorLog, measur
 from llmspace.memory.checkpointing import (_per_segment, checkpoint_segments,  # noqa: F401
                                            checkpointed_activation_bytes, segment_bounds)
 from llmspace.memory.precision import DynamicLossScaler  # noqa: F401
+# serving memory (the KV cache) lives in llmspace.kv_cache; the byte count is part of this chapter's API
+from llmspace.kv_cache import kv_cache_bytes  # noqa: E402,F401
 
 __all__ = [
-    "TransformerConfig", "Transformer", "SMALL_CONFIGS", "LLAMA2_7B", "LLAMA2_70B",
+    "TransformerConfig", "Transformer", "SMALL_CONFIGS", "LLAMA2_7B", "LLAMA2_70B", "kv_cache_bytes",
     "PrecisionPolicy", "PRECISION_POLICIES", "OPTIMIZER_STATE_BYTES", "MemoryBreakdown",
     "count_parameters", "model_state_bytes", "block_activation_bytes", "activation_bytes",
     "estimate_training_memory", "estimate_step_peaks", "measure_training_memory", "measure_peak_bytes",
