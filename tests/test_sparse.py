@@ -200,3 +200,136 @@ def test_warmups():
     assert S.matrix_vector_multiply([], [1]) == []
     with pytest.raises(ValueError, match="row 0 has 2 entries but v has 3"):
         S.matrix_vector_multiply([[1, 2]], [1, 2, 3])
+
+
+# ---- index arrays of any integer dtype (issue 11): cast like scipy, validate without wrap-around ------
+
+INDEX_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
+
+
+@settings(max_examples=120, deadline=None)
+@given(coo_inputs, st.sampled_from(INDEX_DTYPES))
+def test_any_integer_index_dtype_matches_scipy(params, index_dtype):
+    """Index arrays of every integer dtype (reference: scipy.sparse, which casts them to int32/int64)."""
+    n_rows, n_cols, nnz, seed = params
+    if n_rows == 0 or n_cols == 0:
+        nnz = 0
+    rng = np.random.default_rng(seed)
+    ref = sp.random(n_rows, n_cols, density=min(1.0, nnz / max(1, n_rows * n_cols)), format="coo",
+                    random_state=rng)
+    row, col = ref.row.astype(index_dtype), ref.col.astype(index_dtype)
+    ours_coo = S.COO(row, col, ref.data, ref.shape)
+    ref_coo = sp.coo_matrix((ref.data, (row, col)), shape=ref.shape)
+    assert ours_coo.row.dtype == ref_coo.row.dtype and ours_coo.col.dtype == ref_coo.col.dtype
+    np.testing.assert_array_equal(ours_coo.to_dense(), ref_coo.toarray())
+    assert_same(S.coo_to_csr(ours_coo), canonical(ref_coo.tocsr()))
+
+    csr = ref.tocsr()
+    indptr, indices = csr.indptr.astype(index_dtype), csr.indices.astype(index_dtype)
+    ours = S.CSR(indptr, indices, csr.data, csr.shape)
+    ref_csr = sp.csr_matrix((csr.data, indices, indptr), shape=csr.shape)
+    assert ours.indptr.dtype == ref_csr.indptr.dtype and ours.indices.dtype == ref_csr.indices.dtype
+    assert ours.nbytes == ref_csr.data.nbytes + ref_csr.indices.nbytes + ref_csr.indptr.nbytes
+    np.testing.assert_array_equal(ours.to_dense(), ref_csr.toarray())
+    x = rng.standard_normal(n_cols)
+    np.testing.assert_allclose(S.csr_matvec(ours, x), ref_csr @ x, rtol=1e-12, atol=1e-12)
+    ref_csc = ref_csr.tocsc()
+    ref_csc.sort_indices()
+    assert_same(S.csr_to_csc(ours), ref_csc)
+    total = (ref_csr + ref_csr).tocsr()
+    total.eliminate_zeros()
+    assert_same(S.sparse_add(ours, ours), canonical(total))
+    ours_csc = S.CSC(indptr, indices, csr.data, csr.shape[::-1])
+    np.testing.assert_array_equal(ours_csc.to_dense(),
+                                  sp.csc_matrix((csr.data, indices, indptr), shape=csr.shape[::-1]).toarray())
+
+
+def _valid_as_python_ints(indptr, indices, n_minor):
+    """The CSR invariants checked on Python ints, which cannot wrap around (the test's oracle)."""
+    ip, ix = [int(v) for v in indptr], [int(v) for v in indices]
+    return (ip[0] == 0 and all(a <= b for a, b in zip(ip, ip[1:])) and ip[-1] == len(ix)
+            and all(0 <= i < n_minor for i in ix))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(INDEX_DTYPES), st.integers(1, 6), st.integers(1, 6), st.data())
+def test_index_validation_cannot_wrap(index_dtype, n_rows, n_cols, data):
+    """Arbitrary index values anywhere in each dtype's range: accepted exactly when the CSR invariants
+    hold on (unwrapped) Python ints, and then equal to scipy.sparse's matrix (reference) — a decreasing
+    uint32 indptr or an int8 indptr whose np.diff wraps around is rejected, not turned into garbage."""
+    info = np.iinfo(index_dtype)
+    small = st.integers(max(info.min, -3), min(info.max, 8))
+    anywhere = st.integers(int(info.min), int(info.max))
+    value = st.one_of(small, small, anywhere)
+    indptr = [0] + data.draw(st.lists(value, min_size=n_rows, max_size=n_rows))
+    nnz = data.draw(st.one_of(st.just(max(0, min(indptr[-1], 40))), st.integers(0, 12)))
+    indices = data.draw(st.lists(st.one_of(st.integers(0, n_cols - 1), value), min_size=nnz, max_size=nnz))
+    indptr, indices = np.array(indptr, dtype=index_dtype), np.array(indices, dtype=index_dtype)
+    values = np.arange(1.0, nnz + 1)
+    if _valid_as_python_ints(indptr, indices, n_cols):
+        ours = S.CSR(indptr, indices, values, (n_rows, n_cols))
+        ref = sp.csr_matrix((values, indices, indptr), shape=(n_rows, n_cols))
+        ref.check_format(full_check=True)
+        np.testing.assert_array_equal(ours.to_dense(), ref.toarray())
+        np.testing.assert_array_equal(S.csr_matvec(ours, np.ones(n_cols)), ref @ np.ones(n_cols))
+    else:
+        with pytest.raises(ValueError):
+            S.CSR(indptr, indices, values, (n_rows, n_cols))
+
+
+@pytest.mark.parametrize("indptr, dtype", [([0, 2, 1, 2], np.uint32), ([0, 2, 1, 2], np.uint64),
+                                           ([0, 100, -56, 2], np.int8)])
+def test_wrapping_indptr_is_rejected_like_scipy(indptr, dtype):
+    """np.diff of this indptr in its own dtype is >= 0 everywhere (it wraps); scipy (reference) casts to
+    int32 first and rejects it, and so do we — instead of allocating tens of GiB in to_dense."""
+    indptr = np.array(indptr, dtype=dtype)
+    assert (np.diff(indptr) >= 0).all() or dtype == np.int8 and (np.diff(indptr) > 0).all()
+    indices, values = np.zeros(2, dtype=dtype), np.ones(2)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        sp.csr_matrix((values, indices, indptr), shape=(3, 3)).check_format(full_check=True)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        S.CSR(indptr, indices, values, (3, 3))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        S.CSC(indptr, indices, values, (3, 3))
+
+
+def test_uint64_beyond_int64_is_rejected():
+    """scipy wraps 2**63 + 5 to a negative index; we name the array and the value."""
+    with pytest.raises(ValueError, match="indices out of range: 9223372036854775813"):
+        S.CSR(np.array([0, 1], np.uint64), np.array([2**63 + 5], np.uint64), np.ones(1), (1, 3))
+    with pytest.raises(ValueError, match="row out of range"):
+        S.COO(np.array([2**64 - 1], np.uint64), np.array([0], np.uint64), np.ones(1), (2, 2))
+    with pytest.raises(TypeError, match="indices must have an integer dtype"):
+        S.CSR([0, 1], np.array([True]), np.ones(1), (1, 2))
+
+
+@settings(max_examples=100, deadline=None)
+@given(coo_inputs)
+def test_bool_data_and_x_match_scipy(params):
+    """bool values and bool vectors (reference: scipy.sparse — duplicates and sums of bools are logical
+    ors; a bool matrix times a float vector sums as numbers)."""
+    n_rows, n_cols, nnz, seed = params
+    if n_rows == 0 or n_cols == 0:
+        nnz = 0
+    rng = np.random.default_rng(seed)
+    A = random_coo(rng, (n_rows, n_cols), nnz)
+    A = S.COO(A.row, A.col, rng.random(A.nnz) < 0.7, A.shape)         # bool, with duplicates
+    ref = sp.coo_matrix((A.data, (A.row, A.col)), shape=A.shape)
+    np.testing.assert_array_equal(A.to_dense(), ref.toarray())
+    csr = S.coo_to_csr(A)
+    assert_same(csr, canonical(ref.tocsr()))
+    ref_csr = csr.to_scipy()
+    for x in (rng.random(n_cols) < 0.5, rng.standard_normal(n_cols), rng.integers(-3, 4, n_cols)):
+        got, expected = S.csr_matvec(csr, x), ref_csr @ x
+        assert got.dtype == expected.dtype
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+    X = rng.random((n_cols, 2)) < 0.5
+    np.testing.assert_array_equal(S.csr_matmat(csr, X), ref_csr @ X)
+    ref_csc = ref_csr.tocsc()
+    ref_csc.sort_indices()
+    assert_same(S.csr_to_csc(csr), ref_csc)
+    total = (ref_csr + ref_csr).tocsr()
+    total.eliminate_zeros()
+    total.sort_indices()
+    assert_same(S.sparse_add(csr, csr), total)
+    np.testing.assert_array_equal(S.CSR.from_dense(ref.toarray()).to_dense(), ref.toarray())

@@ -7,7 +7,11 @@ number of stored entries (``nnz``), never to ``n_rows * n_cols``.
 
 Conventions (the same as ``scipy.sparse``, the reference every test compares to):
 
-* index arrays are ``int32`` when every index fits, else ``int64``;
+* index arrays are ``int32`` when every index fits, else ``int64``; the constructors accept any integer
+  dtype (``uint32``, ``int8``, ...) and cast it to that rule's dtype first, as scipy does, so that no
+  validation or operation ever computes in a dtype that wraps around;
+* values may be bool (sums of bools are logical ors, products logical ands, as in scipy), integer,
+  float or complex;
 * a *canonical* CSR/CSC has, within each row (column), strictly increasing column (row) indices — the
   constructors here always produce canonical output, the consumers accept non-canonical input;
 * explicit zeros are kept by conversions (like scipy) and dropped by :func:`sparse_add`.
@@ -28,6 +32,8 @@ __all__ = [
 ]
 
 _INT32_MAX = np.iinfo(np.int32).max
+_INT64_MAX = np.iinfo(np.int64).max
+_VALUE_KINDS = "biufc"  # bool (as in scipy: sums are logical or), integer, unsigned, float, complex
 _SPMV_BLOCK = 1 << 16  # stored entries per block of rows in csr_matvec (512 KiB of float64 products)
 
 
@@ -88,6 +94,7 @@ def index_dtype(max_value: int) -> np.dtype:
 
 
 def _as_index_array(name: str, values) -> np.ndarray:
+    """1-D array of any integer dtype (signed or unsigned, any width); not yet cast, see _index_arrays."""
     arr = np.asarray(values)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
@@ -98,12 +105,37 @@ def _as_index_array(name: str, values) -> np.ndarray:
     return arr
 
 
+def _index_arrays(named: dict, max_dim: int) -> list[np.ndarray]:
+    """Cast index arrays of any integer dtype to one safe index dtype, as scipy does.
+
+    ``named`` maps argument names to arrays. The dtype is int32 if ``max_dim`` and every value fit in
+    int32, else int64 (scipy's ``get_index_dtype(..., check_contents=True)``): uint32/uint64 indices
+    (which numpy will not mix with signed ints without a casting error) and int8/int16 ones (whose
+    differences wrap) become int32/int64 *before* any arithmetic, so no later check can wrap around.
+    The extremes are read as Python ints, which cannot wrap either.
+
+    Raises:
+        TypeError: a non-integer array. ValueError: a value beyond int64 (a uint64 above 2**63 - 1 —
+        no valid index or pointer is that large; scipy would silently wrap it to a negative number).
+    """
+    arrays = [_as_index_array(name, values) for name, values in named.items()]
+    widest = max_dim
+    for name, arr in zip(named, arrays):
+        if arr.size:
+            lo, hi = int(arr.min()), int(arr.max())
+            if hi > _INT64_MAX:
+                raise ValueError(f"{name} out of range: {hi} does not fit in int64 ({arr.dtype} input)")
+            widest = max(widest, hi, -lo)
+    dtype = index_dtype(widest)
+    return [arr.astype(dtype, copy=False) for arr in arrays]
+
+
 def _as_data_array(name: str, values) -> np.ndarray:
     arr = np.asarray(values)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
-    if arr.dtype.kind not in "iufc":
-        raise TypeError(f"{name} must have a numeric dtype, got {arr.dtype}")
+    if arr.dtype.kind not in _VALUE_KINDS:
+        raise TypeError(f"{name} must have a bool or numeric dtype, got {arr.dtype}")
     return arr
 
 
@@ -127,16 +159,18 @@ def _check_compressed(kind: str, indptr, indices, data, shape):
     """Validate a CSR (kind='row') or CSC (kind='col') triple; returns the coerced arrays."""
     n_rows, n_cols = _as_shape(shape)
     n_major, n_minor = (n_rows, n_cols) if kind == "row" else (n_cols, n_rows)
-    indptr = _as_index_array("indptr", indptr)
-    indices = _as_index_array("indices", indices)
+    indptr, indices = _index_arrays({"indptr": indptr, "indices": indices}, max(n_rows, n_cols))
     data = _as_data_array("data", data)
     if indptr.shape[0] != n_major + 1:
         raise ValueError(f"indptr must have {n_major + 1} entries (one per {kind} plus one), "
                          f"got {indptr.shape[0]}")
     if indptr[0] != 0:
         raise ValueError(f"indptr[0] must be 0, got {indptr[0]}")
-    if np.any(np.diff(indptr) < 0):
-        raise ValueError("indptr must be non-decreasing")
+    # a comparison, not np.diff(indptr) < 0: a difference can wrap around, a comparison cannot
+    if np.any(indptr[1:] < indptr[:-1]):
+        i = int(np.flatnonzero(indptr[1:] < indptr[:-1])[0])
+        raise ValueError(f"indptr must be non-decreasing, got indptr[{i}] = {indptr[i]} > "
+                         f"indptr[{i + 1}] = {indptr[i + 1]}")
     if indices.shape[0] != data.shape[0]:
         raise ValueError(f"indices and data must have the same length, "
                          f"got {indices.shape[0]} and {data.shape[0]}")
@@ -150,8 +184,8 @@ def _as_dense_2d(dense) -> np.ndarray:
     arr = np.asarray(dense)
     if arr.ndim != 2:
         raise ValueError(f"expected a 2-D array, got shape {arr.shape}")
-    if arr.dtype.kind not in "iufc":
-        raise TypeError(f"expected a numeric dtype, got {arr.dtype}")
+    if arr.dtype.kind not in _VALUE_KINDS:
+        raise TypeError(f"expected a bool or numeric dtype, got {arr.dtype}")
     return arr
 
 
@@ -166,7 +200,7 @@ class COO:
     Attributes:
         row: ``(nnz,)`` int32/int64 row index of each entry.
         col: ``(nnz,)`` int32/int64 column index of each entry.
-        data: ``(nnz,)`` values (any integer, float or complex dtype).
+        data: ``(nnz,)`` values (bool, integer, float or complex dtype).
         shape: ``(n_rows, n_cols)``.
 
     Duplicates are allowed (they mean "sum these"), as in scipy.
@@ -179,8 +213,7 @@ class COO:
 
     def __post_init__(self):
         shape = _as_shape(self.shape)
-        row = _as_index_array("row", self.row)
-        col = _as_index_array("col", self.col)
+        row, col = _index_arrays({"row": self.row, "col": self.col}, max(shape))
         data = _as_data_array("data", self.data)
         if not (row.shape == col.shape == data.shape):
             raise ValueError(f"row, col and data must have the same length, "
@@ -421,7 +454,7 @@ def csr_matvec(A: CSR, x: np.ndarray) -> np.ndarray:
 
     Args:
         A: ``(n_rows, n_cols)`` CSR.
-        x: ``(n_cols,)`` numeric array.
+        x: ``(n_cols,)`` numeric or bool array.
 
     Returns:
         ``y = A @ x`` of shape ``(n_rows,)`` and dtype ``np.result_type(A.data, x)``; rows without
@@ -433,8 +466,8 @@ def csr_matvec(A: CSR, x: np.ndarray) -> np.ndarray:
     """
     require_type("A", A, CSR)
     x = np.asarray(x)
-    if x.dtype.kind not in "iufc":
-        raise TypeError(f"x must be numeric, got dtype {x.dtype}")
+    if x.dtype.kind not in _VALUE_KINDS:
+        raise TypeError(f"x must be numeric or bool, got dtype {x.dtype}")
     if x.shape != (A.shape[1],):
         raise ValueError(f"x must have shape ({A.shape[1]},) to match A {A.shape}, got {x.shape}")
     ### BEGIN SOLUTION
@@ -464,7 +497,7 @@ def csr_matmat(A: CSR, X: np.ndarray) -> np.ndarray:
 
     Args:
         A: ``(n_rows, n_cols)`` CSR.
-        X: ``(n_cols, k)`` numeric array.
+        X: ``(n_cols, k)`` numeric or bool array.
 
     Returns:
         ``Y = A @ X`` of shape ``(n_rows, k)`` and dtype ``np.result_type(A.data, X)``.
@@ -474,8 +507,8 @@ def csr_matmat(A: CSR, X: np.ndarray) -> np.ndarray:
     """
     require_type("A", A, CSR)
     X = np.asarray(X)
-    if X.dtype.kind not in "iufc":
-        raise TypeError(f"X must be numeric, got dtype {X.dtype}")
+    if X.dtype.kind not in _VALUE_KINDS:
+        raise TypeError(f"X must be numeric or bool, got dtype {X.dtype}")
     if X.ndim != 2 or X.shape[0] != A.shape[1]:
         raise ValueError(f"X must have shape ({A.shape[1]}, k) to match A {A.shape}, got {X.shape}")
     dtype = np.result_type(A.data, X)
