@@ -134,3 +134,54 @@ def test_sample_sequences_follows_the_model_distribution():
 def test_bad_input_is_rejected_clearly(fn, args, error, words):
     with pytest.raises(error, match=words):
         fn(*args)
+
+
+# ---- masked vocabulary entries (issue 11): a teacher logit of -inf means probability 0, 0·log 0 = 0 ----
+
+def _masked(seed, batch, seq, vocab, frac):
+    t = logits(seed, batch, seq, vocab)
+    g = torch.Generator().manual_seed(seed + 7)
+    mask = torch.rand(batch, seq, vocab, generator=g) < frac
+    mask[..., 0] = False                                    # every position keeps one finite logit
+    return t.masked_fill(mask, -torch.inf)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 5), st.integers(2, 40), st.floats(0.5, 8.0), st.floats(0.05, 0.9),
+       st.integers(0, 9999))
+def test_kd_loss_with_masked_teacher_logits_equals_kl_div_with_probability_targets(batch, seq, vocab, T, frac,
+                                                                                   seed):
+    """Reference: T² · F.kl_div(log_softmax(s/T), softmax(t/T), reduction='batchmean') — probability targets,
+    where torch defines 0 · log 0 = 0 (log_target=True would give NaN); the gradients agree too.
+    In float64: torch sums p·log p - p·log q, we sum p·(log p - log q); in float32 the two roundings of a
+    small KL differ by ~1e-7 absolute, which is not what this test is about."""
+    s, t = logits(seed, batch, seq, vocab).double(), _masked(seed + 1, batch, seq, vocab, frac).double()
+    ours, theirs = s.clone().requires_grad_(), s.clone().requires_grad_()
+    got = D.kd_loss(ours, t, T)
+    ref = T * T * F.kl_div(F.log_softmax(theirs.view(-1, vocab) / T, -1), F.softmax(t.view(-1, vocab) / T, -1),
+                           reduction="batchmean")
+    assert torch.isfinite(ref)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    got.backward()
+    ref.backward()
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-10, atol=1e-12)
+    labels = torch.zeros(batch, seq, dtype=torch.int64)     # label 0 is never masked
+    mixed = D.distillation_loss(s, t, labels, T, 0.5)
+    ce = F.cross_entropy(s.view(-1, vocab), labels.view(-1))
+    torch.testing.assert_close(mixed, 0.5 * ref.detach() + 0.5 * ce, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_kd_loss_masked_in_both_models_is_finite(dtype):
+    """A token masked in teacher *and* student contributes 0 (torch's kl_div gives 0·(-inf) = NaN there:
+    the reference is kl_div on the vocabulary without the masked column), and its gradient is finite."""
+    s, t = logits(0, 3, 8).to(dtype), logits(1, 3, 8).to(dtype)
+    s[:, 5], t[:, 5] = -torch.inf, -torch.inf
+    s.requires_grad_()
+    got = D.kd_loss(s, t, 2.0)
+    keep = torch.arange(8) != 5
+    ref = 4.0 * F.kl_div(F.log_softmax(s.detach()[:, keep].float() / 2, -1),
+                         F.softmax(t[:, keep].float() / 2, -1), reduction="batchmean")
+    torch.testing.assert_close(got.detach().float(), ref.to(got.dtype).float(), rtol=1e-5, atol=1e-6)
+    got.backward()
+    assert torch.isfinite(s.grad).all() and (s.grad[:, 5] == 0).all()

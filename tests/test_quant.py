@@ -34,6 +34,29 @@ def test_quantize_scalar_matches_torch_quantize_per_tensor():
         assert got == expected
 
 
+@pytest.mark.parametrize("qmin, qmax, torch_dtype", [(-128, 127, torch.qint8), (0, 255, torch.quint8)])
+@pytest.mark.parametrize("scale", [5e-324, 1e-310, 1e-300, 1e-38])
+@pytest.mark.parametrize("value", [1.0, -1.0, 3e38, -3e38, 1e-30, -2.5e-30])
+@pytest.mark.parametrize("zero_point", [0, 3, -5])
+def test_quantize_scalar_saturates_when_the_ratio_overflows(value, scale, zero_point, qmin, qmax, torch_dtype):
+    """A subnormal scale or a huge value makes value / scale overflow to ±inf (round(inf) raises
+    OverflowError); the scalar must saturate like torch.quantize_per_tensor (reference) and like the
+    tensor version."""
+    zero_point = min(max(zero_point, qmin), qmax)
+    expected = torch.quantize_per_tensor(torch.tensor([value]), scale, zero_point, torch_dtype).int_repr().item()
+    assert Q.quantize(value, scale, zero_point, qmin, qmax) == expected
+    tensor = Q.quantize_affine(torch.tensor([value], dtype=torch.float64), torch.tensor(scale, dtype=torch.float64),
+                               torch.tensor(zero_point), qmin, qmax)
+    assert tensor.item() == expected
+
+
+@pytest.mark.parametrize("value, scale, expected", [(1e308, 1e-10, 127), (-1e308, 1e-300, -128), (1.7e308, 0.5, 127)])
+def test_quantize_scalar_saturates_beyond_float32(value, scale, expected):
+    """Ratios that overflow float64 itself (torch's float32 tensors cannot hold these values: the
+    reference is the clamp's definition, qmax for +inf and qmin for -inf)."""
+    assert Q.quantize(value, scale, 0) == expected
+
+
 def test_article_quantize_fails_its_check_naming_truncation():
     """The article's int((value / scale) + zero_point) must lose the points, and say why."""
     with pytest.raises(CheckFailed, match=r"truncation[\s\S]*round"):

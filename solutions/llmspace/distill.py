@@ -54,6 +54,14 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``p · (log p - log q)`` with ``0 · log 0 = 0``: a vocabulary entry that ``p`` gives
+    probability 0 (a logit of ``-inf``, e.g. a masked token) contributes 0, as in
+    ``F.kl_div(log_q, p, reduction="none")`` with probability targets — not ``0 · (-inf) = NaN``.
+    (Where ``q`` is 0 too, the term is 0 here but NaN in ``F.kl_div``.)"""
+    return torch.where(log_p > -torch.inf, log_p.exp() * (log_p - log_q), torch.zeros_like(log_q))
+
+
 def check_temperature(temperature) -> float:
     """A temperature must be a positive finite number; returns it as a float."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
@@ -93,7 +101,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     ### BEGIN SOLUTION
     log_p_student = F.log_softmax(at_least_fp32(student_logits) / T, dim=-1)
     log_p_teacher = F.log_softmax(at_least_fp32(teacher_logits.detach()) / T, dim=-1)
-    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)    # per position
+    kl = kl_terms(log_p_teacher, log_p_student).sum(-1)    # per position
     return T * T * kl.mean()
     ### END SOLUTION
 

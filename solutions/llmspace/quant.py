@@ -48,9 +48,12 @@ def quantize(value: float, scale: float, zero_point: int, qmin: int = -128, qmax
     """Quantize one real number to an integer of the range ``[qmin, qmax]``.
 
     ``q = clamp(round(value / scale) + zero_point, qmin, qmax)`` with round-half-to-even (Python's
-    ``round``). Rounding, not truncation: ``int()`` truncates toward zero, which biases every value
-    toward ``zero_point`` and doubles the worst-case error to a whole ``scale``. Clamping, because a
-    value outside the calibrated range must saturate at ``qmin``/``qmax`` — an int8 cannot hold 300.
+    ``round``). Rounding, not truncation: ``int(value / scale + zero_point)`` truncates the *code*
+    toward 0 — toward the real value ``-zero_point * scale``, not toward ``zero_point``; on a grid of
+    non-negative codes (uint8) that is a floor, which moves every value down — and doubles the
+    worst-case error to a whole ``scale``. Clamping, because a value outside the calibrated range must
+    saturate at ``qmin``/``qmax`` — an int8 cannot hold 300 — even when ``value / scale`` overflows to
+    ±inf (a huge value or a subnormal scale), as ``torch.quantize_per_tensor`` does.
 
     Raises:
         ValueError: if ``scale`` is not a finite number > 0, or ``value`` is NaN/inf, or ``qmin > qmax``.
@@ -62,7 +65,10 @@ def quantize(value: float, scale: float, zero_point: int, qmin: int = -128, qmax
         raise ValueError(f"value must be finite, got {value!r}")
     if qmin > qmax:
         raise ValueError(f"qmin must be <= qmax, got qmin={qmin}, qmax={qmax}")
-    q = round(value / scale) + zero_point
+    ratio = value / scale
+    if math.isinf(ratio):  # overflowed: saturate (round(inf) would raise OverflowError)
+        return qmax if ratio > 0 else qmin
+    q = round(ratio) + zero_point
     return int(min(max(q, qmin), qmax))
     ### END SOLUTION
 
