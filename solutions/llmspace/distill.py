@@ -88,7 +88,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         ``p = softmax(logits / T)`` over the last dimension. ``KL(teacher ‖ student)`` is the forward KL
         (the cross-entropy to the teacher's distribution minus its constant entropy); ``T²`` keeps the
         gradient's scale independent of ``T``. Both log-probabilities come from ``log_softmax``, so the
-        loss stays finite for logits of any size.
+        loss stays finite for logits of any size. A teacher logit of ``-inf`` (a masked token) has
+        ``p_t = 0`` and contributes 0 (``0 · log 0 = 0``, as in ``F.kl_div``; see :func:`kl_terms`).
 
     Raises:
         TypeError: if the logits are not floating tensors or the temperature is not a number.
