@@ -35,7 +35,7 @@ def test_quantize_scalar_matches_torch_quantize_per_tensor():
 
 
 @pytest.mark.parametrize("qmin, qmax, torch_dtype", [(-128, 127, torch.qint8), (0, 255, torch.quint8)])
-@pytest.mark.parametrize("scale", [5e-324, 1e-310, 1e-300, 1e-38])
+@pytest.mark.parametrize("scale", [5e-324, 1e-310, 1e-300, 1e-38, 1e-40, 1e-45])
 @pytest.mark.parametrize("value", [1.0, -1.0, 3e38, -3e38, 1e-30, -2.5e-30])
 @pytest.mark.parametrize("zero_point", [0, 3, -5])
 def test_quantize_scalar_saturates_when_the_ratio_overflows(value, scale, zero_point, qmin, qmax, torch_dtype):
@@ -45,9 +45,10 @@ def test_quantize_scalar_saturates_when_the_ratio_overflows(value, scale, zero_p
     zero_point = min(max(zero_point, qmin), qmax)
     expected = torch.quantize_per_tensor(torch.tensor([value]), scale, zero_point, torch_dtype).int_repr().item()
     assert Q.quantize(value, scale, zero_point, qmin, qmax) == expected
-    tensor = Q.quantize_affine(torch.tensor([value], dtype=torch.float64), torch.tensor(scale, dtype=torch.float64),
-                               torch.tensor(zero_point), qmin, qmax)
-    assert tensor.item() == expected
+    scale_tensor = torch.tensor(scale, dtype=torch.float64)
+    if scale_tensor.float() > 0:    # the tensor version computes in float32, where 1e-300 is 0: it refuses
+        assert Q.quantize_affine(torch.tensor([value]), scale_tensor, torch.tensor(zero_point), qmin, qmax).item() \
+            == expected
 
 
 @pytest.mark.parametrize("value, scale, expected", [(1e308, 1e-10, 127), (-1e308, 1e-300, -128), (1.7e308, 0.5, 127)])
@@ -55,6 +56,15 @@ def test_quantize_scalar_saturates_beyond_float32(value, scale, expected):
     """Ratios that overflow float64 itself (torch's float32 tensors cannot hold these values: the
     reference is the clamp's definition, qmax for +inf and qmin for -inf)."""
     assert Q.quantize(value, scale, 0) == expected
+
+
+def test_quantize_affine_rejects_a_scale_that_underflows_float32():
+    """quantize_affine computes in float32: a float64 scale of 1e-310 becomes 0 there and 0 / 0 is NaN,
+    which casts to an arbitrary integer. (torch.quantize_per_tensor returns qmax even for x = 0 there,
+    because it multiplies by 1/scale = inf.) A clear error instead."""
+    with pytest.raises(ValueError, match="scale must be > 0 everywhere"):
+        Q.quantize_affine(torch.zeros(3, dtype=torch.float64), torch.tensor(1e-310, dtype=torch.float64),
+                          torch.tensor(3), -128, 127)
 
 
 def test_article_quantize_fails_its_check_naming_truncation():

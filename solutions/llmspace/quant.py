@@ -190,8 +190,8 @@ def quantize_affine(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     if qmin > qmax:
         raise ValueError(f"qmin must be <= qmax, got qmin={qmin}, qmax={qmax}")
     ### BEGIN SOLUTION
-    if (scale <= 0).any():
-        raise ValueError("scale must be > 0 everywhere")
+    if (scale.float() <= 0).any():   # also a float64 scale below float32's range: 0/0 would be NaN
+        raise ValueError("scale must be > 0 everywhere (in float32, the dtype of the computation)")
     q = torch.round(x.float() / scale.float()) + zero_point
     return q.clamp(qmin, qmax).to(_int_dtype(qmin, qmax))
     ### END SOLUTION
