@@ -335,7 +335,8 @@ def llm_int8_matmul(x: torch.Tensor, weight: torch.Tensor, threshold: float = 6.
         plus the other columns in int8 — ``x`` quantized per row (vector-wise, symmetric, absmax/127),
         ``weight`` per output row — multiplied in exact integer arithmetic and rescaled by the outer
         product of the two scale vectors. Without the split, one outlier of magnitude 60 in a row makes
-        that row's step 60/127 ≈ 0.47, and every ordinary value (|x| ≈ 1) of the row rounds to 0, ±1, ±2.
+        that row's step 60/127 ≈ 0.47: a value of size 1 rounds to ±2 steps, and the row's standard-normal
+        values share about a dozen of the 255 levels (chapter 3 counts them).
     """
     check_float_tensor("x", x)
     check_float_tensor("weight", weight)
