@@ -333,3 +333,16 @@ def test_bool_data_and_x_match_scipy(params):
     total.sort_indices()
     assert_same(S.sparse_add(csr, csr), total)
     np.testing.assert_array_equal(S.CSR.from_dense(ref.toarray()).to_dense(), ref.toarray())
+
+
+def test_csr_to_csc_keeps_duplicates_like_scipy():
+    """The docstring's claim (reference: scipy csr_matrix.tocsc, a counting sort that keeps duplicates):
+    duplicates stay separate and adjacent, rows non-decreasing within each column."""
+    A = S.CSR(np.array([0, 3, 5]), np.array([2, 0, 2, 2, 0]), np.arange(1.0, 6.0), (2, 3))
+    ref = A.to_scipy().tocsc()
+    got = S.csr_to_csc(A)
+    assert got.nnz == ref.nnz == 5
+    np.testing.assert_array_equal(got.indptr, ref.indptr)
+    np.testing.assert_array_equal(got.indices, ref.indices)
+    np.testing.assert_array_equal(got.data, ref.data)
+    np.testing.assert_array_equal(got.to_dense(), ref.toarray())
