@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autograder.checks import Checker
+from autograder.checks import Checker, direction
 from llmspace.memory import (PRECISION_POLICIES, LiveGraphCounter, PrecisionPolicy, SavedTensorLog, Transformer,
                              TransformerConfig)
 
@@ -117,38 +117,63 @@ def check_block_activation_bytes(impl, *, hidden: bool = False) -> None:
 # ---- gradient accumulation -----------------------------------------------------------------------
 
 def check_accumulate_gradients(impl, *, hidden: bool = False) -> None:
-    """Accumulated gradients equal the full-batch gradient; one micro-batch graph alive at a time."""
+    """Accumulated gradients equal the full-batch gradient; every forward sees one micro-batch; one
+    micro-batch graph alive at a time; stale ``.grad`` values are cleared, not added to."""
     c = Checker("accumulate_gradients", impl, hidden)
     g = torch.Generator().manual_seed(3 if hidden else 2)
     torch.manual_seed(3 if hidden else 2)
     mlp = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
     x, y = torch.randn(12, 5, generator=g), torch.randn(12, 3, generator=g)
     if not hidden:
-        cases = [("MLP, MSE loss, 12 examples in 4 micro-batches", mlp, F.mse_loss, x, y, 4)]
+        cases = [("MLP, MSE loss, 12 examples in 4 micro-batches", mlp, F.mse_loss, x, y, 4, False)]
     else:
         classes = torch.randint(0, 4, (12,), generator=g)
         torch.manual_seed(5)
         clf = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 4))
-        cases = [("one micro-batch", mlp, F.mse_loss, x, y, 1),
-                 ("one example per micro-batch", mlp, F.mse_loss, x, y, 12),
-                 ("classifier, cross-entropy, 3 micro-batches", clf, F.cross_entropy, x, classes, 3),
-                 ("classifier, 6 micro-batches", clf, F.cross_entropy, x, classes, 6)]
-    for name, model, loss_fn, inputs, targets, n in cases:
-        args = (model, loss_fn, inputs, targets, n)
+        cases = [("one micro-batch", mlp, F.mse_loss, x, y, 1, False),
+                 ("one example per micro-batch", mlp, F.mse_loss, x, y, 12, False),
+                 ("stale .grad from an earlier step must be cleared", mlp, F.mse_loss, x, y, 3, True),
+                 ("classifier, cross-entropy, 3 micro-batches", clf, F.cross_entropy, x, classes, 3, False),
+                 ("classifier, 6 micro-batches, stale .grad", clf, F.cross_entropy, x, classes, 6, True)]
+    for name, model, loss_fn, inputs, targets, n, stale in cases:
         model.zero_grad(set_to_none=True)
         full = loss_fn(model(inputs), targets)
         full.backward()
         reference = [p.grad.clone() for p in model.parameters()]
         model.zero_grad(set_to_none=True)
         wrapped = LiveGraphCounter(model)
-        got = c.call(name, wrapped, loss_fn, inputs, targets, n)
+        if stale:  # what the previous optimizer step left behind
+            gs = torch.Generator().manual_seed(len(name))
+            for p in wrapped.parameters():
+                p.grad = torch.randn(p.shape, generator=gs)
+        args = (wrapped, loss_fn, inputs, targets, n)
+        got = c.call(name, *args, mutates=(0,))
+        after = c.last_args[0]
         if not isinstance(got, (tuple, list)) or len(got) != 2:
             c.fail(name, f"must return a pair (loss, grads), got {type(got).__name__}", args)
         loss, grads = got
+        sizes = after.forward_batch_sizes() if isinstance(after, LiveGraphCounter) else []
+        micro = len(inputs) // n
+        if isinstance(after, LiveGraphCounter) and sizes != [micro] * n:
+            if any(s != micro for s in sizes):
+                first = next(s for s in sizes if s != micro)
+                problem = (f"the model was called on a batch of {first} examples; every forward must see "
+                           f"one micro-batch of {micro} ({len(inputs)} examples / {n})")
+                if first == len(inputs) and n > 1:
+                    problem += " — a full-batch forward (even just to report the loss) keeps the whole " \
+                               "batch's activations, which accumulation exists to avoid"
+            else:
+                problem = (f"the model was called {len(sizes)} times; expected one forward per micro-batch "
+                           f"({n}) — the loss is the mean of the micro-batch losses you already computed")
+            c.fail(name, problem, args)
         if not torch.is_tensor(loss) or loss.dim() != 0:
             c.fail(name, f"the loss must be a 0-d tensor, got {type(loss).__name__}", args)
         if not torch.allclose(loss.detach(), full.detach(), rtol=1e-5, atol=1e-7):
-            c.fail(name, f"returned loss {float(loss):.6g}, expected the full-batch mean {float(full):.6g}", args)
+            c.fail(name, f"the loss {direction(float(loss), float(full)) or 'is wrong'}"
+                   + ("" if hidden else f": returned {float(loss):.6g}, expected the full-batch mean "
+                                        f"{float(full):.6g}"), args)
+        if loss.requires_grad:
+            c.fail(name, "the returned loss must be detached (it still requires grad: `loss.detach()`)", args)
         if not isinstance(grads, (list, tuple)) or len(grads) != len(reference):
             c.fail(name, f"grads must be a list with one gradient per parameter ({len(reference)})", args)
         for grad, ref in zip(grads, reference):
@@ -158,9 +183,11 @@ def check_accumulate_gradients(impl, *, hidden: bool = False) -> None:
                 hint = ""
                 if n > 1 and torch.allclose(grad, ref * n, rtol=1e-4, atol=1e-6):
                     hint = f" — they are {n}× too large: divide each micro-batch loss by n_micro_batches"
+                elif stale:
+                    hint = " — clear the .grad left by an earlier step before accumulating (p.grad = None)"
                 c.fail(name, "gradients differ from the full-batch gradient" + hint, args)
-        if int(wrapped.max_alive) > 1:
-            c.fail(name, f"{int(wrapped.max_alive)} micro-batch graphs were alive at once: call backward on "
+        if isinstance(after, LiveGraphCounter) and int(after.max_alive) > 1:
+            c.fail(name, f"{int(after.max_alive)} micro-batch graphs were alive at once: call backward on "
                          f"each micro-batch before the next forward, or activations do not shrink", args)
     if hidden:
         c.expect_raises("n_micro_batches does not divide the batch", ValueError, mlp, F.mse_loss, x, y, 5,
@@ -264,16 +291,20 @@ def check_replay_on_segment(impl, *, hidden: bool = False) -> None:
 # ---- ZeRO-1 --------------------------------------------------------------------------------------
 
 def check_zero1_adam_step(impl, *, hidden: bool = False) -> None:
-    """Simulated ZeRO-1 Adam over several steps vs ``torch.optim.Adam`` on the mean gradient."""
+    """Simulated ZeRO-1 Adam over several steps vs ``torch.optim.Adam`` on the mean gradient; the shard
+    states must be updated in place; ``betas`` and ``eps`` are honoured."""
     c = Checker("zero1_adam_step", impl, hidden)
-    cases = [("12 parameters, 2 ranks, 3 steps", 12, 2, 3, 0.1)] if not hidden else [
-        ("one rank", 9, 1, 2, 0.05), ("padding: 10 parameters on 4 ranks", 10, 4, 3, 0.1),
-        ("more ranks than parameters", 3, 4, 2, 0.1), ("1000 parameters, 8 ranks, 5 steps", 1000, 8, 5, 1e-3)]
-    for name, n, world, steps, lr in cases:
+    cases = [("12 parameters, 2 ranks, 3 steps", 12, 2, 3, 0.1, None)] if not hidden else [
+        ("one rank", 9, 1, 2, 0.05, None), ("padding: 10 parameters on 4 ranks", 10, 4, 3, 0.1, None),
+        ("more ranks than parameters", 3, 4, 2, 0.1, None),
+        ("1000 parameters, 8 ranks, 5 steps", 1000, 8, 5, 1e-3, None),
+        ("betas (0.5, 0.9) and eps 0.1", 20, 3, 3, 0.1, ((0.5, 0.9), 0.1))]
+    for name, n, world, steps, lr, custom in cases:
         g = torch.Generator().manual_seed(n * 31 + world)
         start = torch.randn(n, generator=g, dtype=torch.float64)
         ref = nn.Parameter(start.clone())
-        adam = torch.optim.Adam([ref], lr=lr)
+        betas, eps = custom if custom else ((0.9, 0.999), 1e-8)
+        adam = torch.optim.Adam([ref], lr=lr, betas=betas, eps=eps)
         shard = -(-n // world)
         states = [{"exp_avg": torch.zeros(shard, dtype=torch.float64),
                    "exp_avg_sq": torch.zeros(shard, dtype=torch.float64)} for _ in range(world)]
@@ -282,8 +313,10 @@ def check_zero1_adam_step(impl, *, hidden: bool = False) -> None:
             grads = [torch.randn(n, generator=g, dtype=torch.float64) for _ in range(world)]
             ref.grad = torch.stack(grads).mean(0)
             adam.step()
-            args = (flat, grads, states, step, lr)
-            got = c.call(name, flat.clone(), [gr.clone() for gr in grads], states, step, lr)
+            args = (flat, grads, states, step, lr) + ((betas, eps) if custom else ())
+            # flat_param may be updated in place too (a real ZeRO step does); the states must be
+            got = c.call(name, *args, mutates=(0, 2))
+            states = c.last_args[2]
             if not torch.is_tensor(got) or got.shape != (n,):
                 c.fail(name, f"must return a 1-D tensor of {n} parameters, got "
                              f"{tuple(got.shape) if torch.is_tensor(got) else type(got).__name__}", args)
@@ -293,9 +326,15 @@ def check_zero1_adam_step(impl, *, hidden: bool = False) -> None:
                 hint = f" at step {step}; shards of ranks {wrong} are wrong"
                 if torch.allclose(got[shard:], flat[shard:]) and world > 1 and n > shard:
                     hint += " (unchanged: every rank's shard must be updated and all-gathered)"
+                if custom:
+                    hint += f" (betas={betas}, eps={eps}: use the arguments, not Adam's defaults)"
                 c.fail(name, "parameters differ from torch.optim.Adam on the averaged gradient" + hint, args)
-            flat = got
-            full_m = torch.cat([s["exp_avg"] for s in states])[:n]
-            if not torch.allclose(full_m, adam.state[ref]["exp_avg"], rtol=1e-9, atol=1e-12):
-                c.fail(name, f"exp_avg shards differ from Adam's first moment at step {step} (update the "
-                             f"state dicts in place)", args)
+            flat = got.detach().clone()
+            for key in ("exp_avg", "exp_avg_sq"):
+                try:
+                    full = torch.cat([s[key] for s in states])[:n]
+                except (TypeError, KeyError, RuntimeError):
+                    c.fail(name, f"shard_states must stay a list of dicts holding {key!r} tensors", args)
+                if full.shape != (n,) or not torch.allclose(full, adam.state[ref][key], rtol=1e-9, atol=1e-12):
+                    c.fail(name, f"{key} shards differ from Adam's {'first' if key == 'exp_avg' else 'second'} "
+                                 f"moment at step {step} (update the state dicts in place)", args)

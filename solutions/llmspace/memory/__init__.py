@@ -343,21 +343,48 @@ class LiveGraphCounter(nn.Module):
     """Wraps a model and counts forward graphs whose backward has not reached the output yet.
 
     ``max_alive`` (a buffer, so it travels with ``state_dict``) is the largest number of micro-batch
-    graphs — and hence activation sets — that were alive together: 1 for correct accumulation."""
+    graphs — and hence activation sets — that were alive together: 1 for correct accumulation.
+    ``batch_sizes[:n_forwards]`` (buffers too) are the batch sizes (``len(x)``) of the forward calls, in
+    order, the first :attr:`MAX_FORWARDS` of them. Copies and pickles keep the parameters' ``.grad``
+    (a plain ``nn.Module`` drops them), so a grader can hand a model with stale gradients to code that
+    runs elsewhere."""
+
+    MAX_FORWARDS = 256
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.register_buffer("alive", torch.zeros((), dtype=torch.long))
         self.register_buffer("max_alive", torch.zeros((), dtype=torch.long))
+        self.register_buffer("n_forwards", torch.zeros((), dtype=torch.long))
+        self.register_buffer("batch_sizes", torch.zeros(self.MAX_FORWARDS, dtype=torch.long))
 
     def forward(self, x):
+        if int(self.n_forwards) < self.MAX_FORWARDS:
+            self.batch_sizes[int(self.n_forwards)] = len(x)
+        self.n_forwards += 1
         out = self.model(x)
         if out.requires_grad:
             self.alive += 1
             self.max_alive.copy_(torch.maximum(self.max_alive, self.alive))
             out.register_hook(self._backward_reached)
         return out
+
+    def forward_batch_sizes(self) -> list[int]:
+        return self.batch_sizes[:min(int(self.n_forwards), self.MAX_FORWARDS)].tolist()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_grads"] = [None if p.grad is None else p.grad.detach().clone() for p in self.parameters()]
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        grads = state.pop("_grads", None)
+        super().__setstate__(state)
+        if grads is not None:
+            for p, g in zip(self.parameters(), grads):
+                p.grad = g
 
     def _backward_reached(self, grad):
         self.alive -= 1
