@@ -25,6 +25,17 @@ for assignment in all_assignments().values():
             WRONG.append((assignment, name.split("__")[0], name, fn))
 
 
+ALT = []
+for assignment in all_assignments().values():
+    try:
+        module = importlib.import_module(f"autograder.fixtures.{assignment.topic}_alt")
+    except ModuleNotFoundError:
+        continue
+    for name, fn in inspect.getmembers(module, inspect.isfunction):
+        if "__" in name and fn.__module__ == module.__name__:
+            ALT.append((assignment, name.split("__")[0], name, fn))
+
+
 def check_for(assignment, function):
     return getattr(importlib.import_module(f"autograder.checks.{assignment.topic}"), f"check_{function}")
 
@@ -51,6 +62,15 @@ def test_wrong_answer_fails(assignment, function, name, fn):
     with pytest.raises(CheckFailed):
         check(fn)
         check(fn, hidden=True)
+
+
+@pytest.mark.parametrize("assignment, function, name, fn", ALT, ids=[a[2] for a in ALT])
+def test_alternative_answer_passes(assignment, function, name, fn):
+    """A valid answer written differently from the reference gets full marks (in-process; through the
+    sandbox: tests/test_zoos.py)."""
+    check = check_for(assignment, function)
+    check(fn)
+    check(fn, hidden=True)
 
 
 def test_every_task_has_wrong_answer_fixtures():

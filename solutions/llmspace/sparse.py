@@ -364,13 +364,17 @@ def coo_to_csr(A: COO) -> CSR:
 
 
 def csr_to_csc(A: CSR) -> CSC:
-    """Convert CSR to canonical CSC (row indices strictly increasing within each column).
+    """Convert CSR to CSC, keeping every stored entry.
 
     Args:
-        A: a CSR matrix (canonical or not; duplicates are kept as separate entries).
+        A: a CSR matrix, canonical or not (column indices may be unsorted within a row, and a
+            ``(row, col)`` pair may be stored more than once).
 
     Returns:
-        The same matrix in CSC, with the same ``data`` dtype and the same nnz.
+        The same matrix in CSC with the same ``data`` dtype and the same ``nnz``: every stored entry of
+        ``A`` (explicit zeros and duplicates included) appears once, nothing is summed or dropped. Row
+        indices increase within each column — strictly when ``A`` has no duplicate pairs; duplicates of
+        one pair sit next to each other, in any order among themselves.
     """
     require_type("A", A, CSR)
     ### BEGIN SOLUTION
