@@ -120,7 +120,7 @@ def _mix_reference(s, t, labels, T, alpha, ignore_index=-100):
 
 def check_distillation_loss(impl, *, hidden: bool = False) -> None:
     """alpha · KD + (1 - alpha) · CE over non-ignored positions (reference: F.kl_div + F.cross_entropy)."""
-    c = Checker("distillation_loss", impl, hidden)
+    c = Checker("distillation_loss", impl, hidden, builds_on=("kd_loss",))
     if not hidden:
         cases = [
             ("batch 2 x seq 4, vocab 6, T=2, alpha=0.5", _logits(40, 2, 4, 6), _logits(41, 2, 4, 6),

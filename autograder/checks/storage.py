@@ -122,7 +122,7 @@ def check_parse_safetensors_header(impl, *, hidden: bool = False) -> None:
     files rejected with ValueError (any subclass, e.g. json.JSONDecodeError or your own)."""
     c = Checker("parse_safetensors_header", impl, hidden)
     for name, blob in _valid_files(hidden):
-        got = c.call(name, blob)
+        got = c.call(name, blob, hint="this file is valid: the safetensors library reads it")
         c.expect_type(name, got, tuple)
         if len(got) != 3:
             c.fail(name, f"must return (tensors, metadata, data_start), got {len(got)} values")
@@ -159,7 +159,7 @@ def check_parse_safetensors_header(impl, *, hidden: bool = False) -> None:
 def check_read_tensor(impl, *, hidden: bool = False) -> None:
     """One tensor by its offsets: dtype, shape and values as safetensors.load; a writable copy that
     neither warns nor shares memory with buf."""
-    c = Checker("read_tensor", impl, hidden)
+    c = Checker("read_tensor", impl, hidden, builds_on=("parse_safetensors_header",))
     cases = []
     for file_name, blob in _valid_files(hidden):
         for key in st.load(bytes(blob)):
@@ -226,10 +226,7 @@ def check_shard_state_dict(impl, *, hidden: bool = False) -> None:
     for name, sd, limit, prefix in _state_dicts(hidden):
         shown = {k: tuple(v.shape) for k, v in sd.items()}
         args = (shown, limit) if prefix is None else (shown, limit, prefix)
-        keys_before = list(sd)
         got = c.call(name, sd, limit) if prefix is None else c.call(name, sd, limit, prefix)
-        if list(sd) != keys_before:
-            c.fail(name, "modified the state dict; build new shard dicts and leave it alone", args)
         if not isinstance(got, tuple) or len(got) != 2:
             c.fail(name, "must return (shards, index)", args)
         shards, index = got
@@ -314,10 +311,8 @@ def check_simulate_lru(impl, *, hidden: bool = False) -> None:
                  ("sizes as a dict with sparse ids", [10, 3, 7, 10, 3, 7, 3], {10: 5, 3: 2, 7: 4}, 7),
                  ("layers that fill the cache exactly", [0, 1, 0, 1, 2, 0], [6, 4, 10], 10)]
     for name, accesses, sizes, capacity in cases:
-        args = (list(accesses), sizes, capacity)
+        args = (accesses, sizes, capacity)
         got = c.call(name, *args)
-        if args[0] != accesses:
-            c.fail(name, "modified the accesses list; read it without consuming it", (accesses, sizes, capacity))
         c.expect_type(name, got, dict, args)
         expected = _brute_lru(accesses, sizes, capacity)
         equal = list(sizes.values()) if isinstance(sizes, dict) else sizes
