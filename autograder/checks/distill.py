@@ -54,7 +54,7 @@ def _expect_scalar(c: Checker, case, got, expected, args, *, rtol=RTOL, atol=ATO
         off = value / float(expected) if float(expected) else None
         how = ("" if off is None or off <= 0 else
                f" (too large by {off:.3g}×)" if off > 1 else f" (too small by {1 / off:.3g}×)")
-        c.fail(case, f"{what} is {value!r}" + ("" if c.hidden else f", expected {float(expected)!r}")
+        c.fail(case, (f"{what} is wrong" if c.hidden else f"{what} is {value!r}, expected {float(expected)!r}")
                + (how if abs(value - float(expected)) > 1e-2 * abs(float(expected)) else
                   f" (off by {abs(value / float(expected) - 1) if float(expected) else abs(value):.2g} relative: "
                   f"compute in float32 or wider)"), args)
@@ -143,9 +143,12 @@ def check_distillation_loss(impl, *, hidden: bool = False) -> None:
              torch.tensor([[-100, -100, 2], [-100, -100, -100]]), 2.0, 0.4, -100),
             ("every position ignored gives 0", _logits(66, 2, 3, 5), _logits(69, 2, 3, 5),
              torch.full((2, 3), -100), 2.0, 0.4, -100),
+            ("ignore_index left at its default (-100)", _logits(34, 3, 4, 6), _logits(35, 3, 4, 6),
+             _labels(36, (3, 4), 6, 0.3), 2.0, 0.6, None),
         ]
     for name, s, t, labels, T, alpha, ignore in cases:
-        args = (s, t, labels, T, alpha, ignore)
+        args = (s, t, labels, T, alpha, ignore) if ignore is not None else (s, t, labels, T, alpha)
+        ignore = -100 if ignore is None else ignore
         got = c.call(name, *args)
         _expect_scalar(c, name, got, _mix_reference(s, t, labels, T, alpha, ignore), args,
                        nonfinite_hint="when no position is kept the loss is 0 (a mean over zero positions is "
@@ -188,9 +191,11 @@ def check_feature_distillation_loss(impl, *, hidden: bool = False) -> None:
              torch.zeros(2, 3, dtype=torch.bool)),
             ("float32 states", hid(3, 5, 8).float(), hid(3, 5, 4).float(), _projection(8, 8, 4).float(),
              torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [False] * 5])),
+            ("mask left at its default (None)", hid(2, 2, 3), hid(2, 2, 5), _projection(10, 3, 5), "default"),
         ]
     for name, hs, ht, proj, mask in cases:
-        args = (hs, ht, proj, mask)
+        args = (hs, ht, proj, mask) if not isinstance(mask, str) else (hs, ht, proj)
+        mask = None if isinstance(mask, str) else mask
         got = c.call(name, *args)
         with torch.no_grad():
             p, t = proj(hs).double(), ht.double()

@@ -159,10 +159,12 @@ def check_nm_mask(impl, *, hidden: bool = False) -> None:
             ("ties inside groups", torch.randint(-2, 3, (8, 16), generator=g).float(), 2, 4),
             ("all-equal groups", torch.tensor([[1.0, -1.0, 1.0, -1.0, 0.0, 0.0, 0.0, 0.0]]), 2, 4),
             ("ties, 3:8", torch.randint(-1, 2, (4, 24), generator=g).float(), 3, 8),
+            ("n and m left at their defaults (2:4)", _randn(38, 4, 8), None, None),
         ]
     for name, w, n, m in cases:
-        args = (w, n, m)
+        args = (w, n, m) if n is not None else (w,)
         got = c.call(name, *args)          # on copies: a changed weight fails "modified its input"
+        n, m = (2, 4) if n is None else (n, m)
         if not isinstance(got, torch.Tensor):
             c.fail(name, f"mask must be a torch.Tensor, got {type(got).__name__}", args)
         if got.dtype != torch.bool:

@@ -131,8 +131,9 @@ def check_parse_safetensors_header(impl, *, hidden: bool = False) -> None:
         if isinstance(tensors, dict) and "__metadata__" in tensors:
             c.fail(name, "'__metadata__' is not a tensor: return it separately as metadata")
         if not isinstance(tensors, dict) or set(tensors) != set(ref_tensors):
-            c.fail(name, f"tensors must be a dict with the names {sorted(ref_tensors)}, got "
-                         + (f"{sorted(tensors)}" if isinstance(tensors, dict) else type(tensors).__name__))
+            c.fail(name, "tensors must be a dict with the names the header lists"
+                         + ("" if hidden else f" {sorted(ref_tensors)}, got "
+                            + (f"{sorted(tensors)}" if isinstance(tensors, dict) else type(tensors).__name__)))
         if list(tensors) != list(ref_tensors):
             c.fail(name, "tensors must keep the header's order"
                          + ("" if hidden else f" {list(ref_tensors)}, got {list(tensors)}"))
@@ -140,11 +141,14 @@ def check_parse_safetensors_header(impl, *, hidden: bool = False) -> None:
             mine = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(tensors[key]).items()}
             for field in ("dtype", "shape", "data_offsets"):
                 if mine.get(field) != info[field]:
-                    c.fail(name, f"tensor {key!r}: {field} is {mine.get(field)!r}, the file says {info[field]!r}")
+                    c.fail(name, f"a tensor's {field} differs from the header's" if hidden else
+                                 f"tensor {key!r}: {field} is {mine.get(field)!r}, the file says {info[field]!r}")
         if metadata != ref_metadata:
-            c.fail(name, f"metadata is {metadata!r}, expected {ref_metadata!r} ({{}} when absent)")
+            c.fail(name, "metadata differs from the header's __metadata__ ({} when absent)" if hidden else
+                         f"metadata is {metadata!r}, expected {ref_metadata!r} ({{}} when absent)")
         if data_start != ref_start:
-            c.fail(name, f"data_start is {data_start!r}, expected {ref_start} (8 + header length)")
+            c.fail(name, "data_start is wrong: it is 8 + the header length" if hidden else
+                         f"data_start is {data_start!r}, expected {ref_start} (8 + header length)")
     for name, blob, what in (_HIDDEN_BAD if hidden else _VISIBLE_BAD):
         try:   # the reference reader must reject it too, or the case itself is wrong
             st.load(blob)
@@ -235,15 +239,16 @@ def check_shard_state_dict(impl, *, hidden: bool = False) -> None:
         if not isinstance(index, dict) or set(index) != {"metadata", "weight_map"}:
             c.fail(name, "index must be a dict with keys 'metadata' and 'weight_map'", args)
         if index["metadata"] != {"total_size": total}:
-            c.fail(name, f"index['metadata'] is {index['metadata']!r}, expected {{'total_size': {total}}} "
-                         f"(the sum of numel * element_size over all tensors)", args)
+            c.fail(name, ("index['metadata'] must be {'total_size': <bytes>}" if hidden else
+                          f"index['metadata'] is {index['metadata']!r}, expected {{'total_size': {total}}}")
+                   + " (the sum of numel * element_size over all tensors)", args)
         if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
             c.fail(name, "shards must be a list of dicts", args)
         groups = [sorted(s) for s in shards]
         # the hub's file names are numbered in shard order (a single shard is "model.safetensors")
         expected = [sorted(ref.filename_to_tensors[f]) for f in sorted(ref.filename_to_tensors)] if sd else []
         if sorted(groups) != sorted(expected):
-            c.fail(name, f"wrong grouping: got {len(shards)} shards"
+            c.fail(name, f"wrong grouping: got {len(shards)} shards, expected {len(expected)}"
                          + ("" if hidden else f" {groups}, expected {expected}"), args)
         if groups != expected:
             c.fail(name, "right shards in the wrong order: list them in the order the walk through the "
@@ -265,8 +270,10 @@ def check_shard_state_dict(impl, *, hidden: bool = False) -> None:
         for i, sh in enumerate(shards):
             for k in sh:
                 if index["weight_map"][k] != names[i]:
-                    c.fail(name, f"weight_map[{k!r}] is {index['weight_map'][k]!r}, expected {names[i]!r} "
-                                 f"(shard {i + 1} of {n}, numbered from 1, 5 digits, prefix {stem!r})", args)
+                    c.fail(name, ("weight_map points a tensor to the wrong file" if hidden else
+                                  f"weight_map[{k!r}] is {index['weight_map'][k]!r}")
+                           + f", expected {names[i]!r} (shard {i + 1} of {n}, numbered from 1, 5 digits, "
+                             f"prefix {stem!r})", args)
     if hidden:
         c.expect_raises("limit 0", ValueError, {"a": torch.zeros(1)}, 0, what="max_shard_bytes must be positive")
         c.expect_raises("limit 1.5", TypeError, {"a": torch.zeros(1)}, 1.5, what="max_shard_bytes must be an int")
@@ -324,7 +331,9 @@ def check_simulate_lru(impl, *, hidden: bool = False) -> None:
             assert (info.hits, info.misses) == (expected["hits"], expected["misses"])
         for key in ("hits", "misses", "bytes_loaded", "evictions"):
             if got.get(key) != expected[key]:
-                c.fail(name, f"{key} is {got.get(key)!r}"
-                             + ("" if hidden else f", expected {expected[key]}"), args)
+                value = got.get(key)
+                c.fail(name, (f"{key} is wrong" + (f" (too {'large' if value > expected[key] else 'small'})"
+                                                   if isinstance(value, int) else "")) if hidden else
+                             f"{key} is {value!r}, expected {expected[key]}", args)
     if hidden:
         c.expect_raises("negative capacity", ValueError, [0], [1], -1, what="capacity_bytes must be >= 0")
