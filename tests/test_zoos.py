@@ -7,9 +7,9 @@ takes part here once it has an ``_alt`` module; from then on each of its graded 
 :data:`MIN_WRONG` wrong and :data:`MIN_ALT` alternative answers.
 
 How an entry is graded, as :func:`autograder.grading.grade_notebook` grades a student: one sandbox worker
-per topic (:class:`autograder.sandbox.Sandbox`, degraded when not root) runs the zoo module's source and
-then the reference notebook's code cells (so the task functions an entry calls, e.g. a student's own
-``coo_to_csr`` inside ``sparse_add``, are the notebook's); the check then runs in this process with a
+per topic (:class:`autograder.sandbox.Sandbox`, degraded when not root) runs each zoo module's source (in
+a namespace of its own) and then the reference notebook's code cells; the task functions an entry calls
+(e.g. a student's own ``coo_to_csr`` inside ``sparse_add``) are the notebook's; the check then runs in this process with a
 :class:`autograder.grading.RemoteFunction` standing for the entry: arguments are pickled to the worker,
 results and exceptions come back through :mod:`autograder.codec`.
 
@@ -67,16 +67,28 @@ def _grade_topic(assignment) -> dict:
             and not c.metadata.get("nbgrader", {}).get("grade")]          # setup + solution cells
     results = {}
     limits = Limits(notebook_seconds=1800.0, call_seconds=120.0)
+    tasks = [t.function for t in assignment.tasks]
     with Sandbox(limits) as box:
+        # Each zoo module runs in a namespace of its own (their private helpers may share names) ...
         for kind in ("wrong", "alt"):
             module, entries = _zoo(assignment.topic, kind)
             if module is None:
                 continue
-            reply = box.run_cell(Path(module.__file__).read_text())
+            source = Path(module.__file__).read_text()
+            reply = box.run_cell(f"_zoo_{kind} = {{'__name__': 'zoo_{kind}'}}\n"
+                                 f"exec(compile({source!r}, {module.__name__!r}, 'exec'), _zoo_{kind})")
             assert reply["ok"], f"{module.__name__} does not run in the sandbox: {reply.get('error')}"
+        # ... then the reference notebook defines the task functions, as a student's notebook would ...
         for source in code:
             reply = box.run_cell(source)
             assert reply["ok"], f"reference cell failed in the sandbox: {reply.get('error')}"
+        # ... which the entries call (a student's sparse_add calls their own coo_to_csr).
+        for kind in ("wrong", "alt"):
+            if _zoo(assignment.topic, kind)[0] is not None:
+                reply = box.run_cell(f"_zoo_{kind}.update({{t: globals()[t] for t in {tasks!r}}})\n"
+                                     f"globals().update({{k: v for k, v in _zoo_{kind}.items() if '__' in k "
+                                     f"and not k.startswith('_') and callable(v)}})")
+                assert reply["ok"], reply.get("error")
         for kind in ("wrong", "alt"):
             for name, _ in _zoo(assignment.topic, kind)[1]:
                 check = getattr(checks, f"check_{name.split('__')[0]}")

@@ -325,11 +325,20 @@ def llm_int8_matmul(x: torch.Tensor, weight: torch.Tensor, threshold: float = 6.
         (column of ``x``) is an outlier if any ``|x[:, k]| > threshold``.
 
     Returns:
-        ``(N, M)`` float32: the outlier columns multiplied in fp16 (x and weight rounded to fp16),
-        plus the other columns in int8 — ``x`` quantized per row (vector-wise, symmetric, absmax/127),
-        ``weight`` per output row — multiplied in exact integer arithmetic and rescaled by the outer
-        product of the two scale vectors. Without the split, one outlier of magnitude 60 in a row makes
-        that row's step 60/127 ≈ 0.47, and every ordinary value (|x| ≈ 1) of the row rounds to 0, ±1, ±2.
+        ``(N, M)`` float32 (whatever the input dtype): the outlier columns multiplied in fp16, plus the
+        other columns in int8.
+
+        * fp16 part: ``x[:, outliers]`` and ``weight[:, outliers]`` rounded to fp16 and multiplied —
+          with fp16 arithmetic (an fp16 matmul, as on a GPU) or with the fp16 values in float32; both
+          are accepted, i.e. the result may differ from the exact product of the fp16 values by fp16
+          rounding, at most ``(k + 1) · 2⁻¹¹ · Σ|x·w|`` over the ``k`` outlier columns.
+        * int8 part: ``x`` quantized per row (vector-wise, symmetric: scale = absmax / 127 in float32,
+          at least float32 eps, codes ``round(x / scale)`` clamped to ±127), ``weight`` likewise per
+          output row; the codes multiplied in exact integer arithmetic and rescaled by the outer product
+          of the two scale vectors (float32 rounding only).
+
+        Without the split, one outlier of magnitude 60 in a row makes that row's step 60/127 ≈ 0.47,
+        and every ordinary value (|x| ≈ 1) of the row rounds to 0, ±1, ±2.
     """
     check_float_tensor("x", x)
     check_float_tensor("weight", weight)
