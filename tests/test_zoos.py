@@ -9,7 +9,8 @@ takes part here once it has an ``_alt`` module; from then on each of its graded 
 How an entry is graded, as :func:`autograder.grading.grade_notebook` grades a student: one sandbox worker
 per topic (:class:`autograder.sandbox.Sandbox`, degraded when not root) runs each zoo module's source (in
 a namespace of its own) and then the reference notebook's code cells; the task functions an entry calls
-(e.g. a student's own ``coo_to_csr`` inside ``sparse_add``) are the notebook's; the check then runs in this process with a
+(e.g. a student's own ``coo_to_csr`` inside ``sparse_add``) are the notebook's; the check then runs in
+this process with a
 :class:`autograder.grading.RemoteFunction` standing for the entry: arguments are pickled to the worker,
 results and exceptions come back through :mod:`autograder.codec`.
 

@@ -50,27 +50,37 @@ def check_model_state_bytes(impl, *, hidden: bool = False) -> None:
                  ("stage 1, odd count", 1_000_003, PRECISION_POLICIES["bf16-fp32-grads"], 1, 8),
                  ("stage 2, fp16 with fp32 main grads", 7_000_000_001, PRECISION_POLICIES["fp16-fp32-main-grads"], 2, 16),
                  ("custom policy", 999, PrecisionPolicy(2, 2, 4, 4), 3, 3),
+                 ("fractional bytes round up: 4-bit weights, 8-bit Adam", 1001, PrecisionPolicy(0.5, 2, 4, 2), 0, 1),
+                 ("fractional bytes on 3 ranks, ZeRO-3", 1001, PrecisionPolicy(0.5, 2, 4, 2.25), 3, 3),
+                 ("defaults: stage 0, one rank", 4321, fp32, None, None),
                  ("Llama-2-70B, ZeRO-3 on 512", 68_976_648_192, mixed, 3, 512)]
     for name, n, policy, stage, world in cases:
-        args = (n, policy, stage, world)
+        args = (n, policy) if stage is None else (n, policy, stage, world)
         got = c.call(name, *args)
         c.expect_type(name, got, dict, args)
-        expected = _zero_paper(n, policy, stage, world)
+        expected = _zero_paper(n, policy, stage or 0, world or 1)
         for key, value in expected.items():
             if key not in got:
                 c.fail(name, f"missing key {key!r}", args)
-            if got[key] != value:
-                c.fail(name, f"{key}: got {got[key]!r}" + ("" if hidden else f", expected {value}")
-                       + (" — each copy is sharded only from its stage on, and a shard holds "
-                          "ceil(n/N) elements" if hidden else ""), args)
+            if got[key] != value or isinstance(got[key], bool) or not isinstance(got[key], (int, np.integer)):
+                if got[key] == value:
+                    c.fail(name, f"{key} must be an int number of bytes, got {type(got[key]).__name__}", args)
+                c.expect_number(name, got[key], value, args, what=key,
+                                hint="each copy is sharded only from its stage on, a shard holds ceil(n/N) "
+                                     "elements, and fractional bytes round up" if hidden else "")
     if hidden:
         c.expect_raises("stage 4", ValueError, 10, fp32, 4, 2, what="zero_stage must be 0..3")
 
 
 # ---- activations ---------------------------------------------------------------------------------
 
-def _measured_block_bytes(config, B, T):
-    """Bytes autograd saves for one block: a 2-layer model minus a 1-layer model, same inputs."""
+def _measured_block_bytes(config, B, T, dtype_bytes=4):
+    """Bytes autograd saves for one block: a 2-layer model minus a 1-layer model, same inputs (fp32).
+
+    For another ``dtype_bytes`` every saved float tensor is re-priced by the task's rule — big tensors
+    take ``dtype_bytes`` per element, norm/attention statistics stay fp32: a statistic is a float32
+    tensor of shape ``(..., 1)`` (LayerNorm mean/rstd, RMSNorm rstd) or ``(B, n_heads, T)`` (sdpa's
+    log-sum-exp); bool masks keep 1 byte."""
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.vocab_size, (B, T), generator=g)
     out = []
@@ -79,39 +89,51 @@ def _measured_block_bytes(config, B, T):
         model = Transformer(TransformerConfig(**{**config.__dict__, "n_layers": n_layers}))
         with SavedTensorLog(exclude=list(model.parameters())) as log:
             model.loss(tokens, tokens)
-        out.append(log.bytes)
+        total = 0
+        for shape, dtype, nbytes in log.records:
+            statistic = dtype == torch.float32 and (shape[-1:] == (1,) or shape == (B, config.n_heads, T))
+            if dtype.is_floating_point and not statistic:
+                total += nbytes // dtype.itemsize * dtype_bytes
+            else:
+                total += nbytes
+        out.append(total)
     return out[1] - out[0]
 
 
 def check_block_activation_bytes(impl, *, hidden: bool = False) -> None:
-    """Bytes one block saves for backward, compared with what PyTorch's autograd actually saves."""
+    """Bytes one block saves for backward, compared with what PyTorch's autograd actually saves (fp32),
+    re-priced for a non-default ``dtype_bytes`` by the task's rule."""
     c = Checker("block_activation_bytes", impl, hidden)
     base = dict(vocab_size=64, max_seq_len=64)
     if not hidden:
         cases = [("GPT-style: LayerNorm, GELU, sdpa", TransformerConfig(d_model=32, n_layers=2, n_heads=4,
-                                                                          d_ff=128, **base), 2, 16)]
+                                                                          d_ff=128, **base), 2, 16, None)]
     else:
-        cases = [("Llama-style: RMSNorm, SwiGLU, GQA",
-                  TransformerConfig(d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=96, norm="rmsnorm",
-                                    mlp="swiglu", bias=False, learned_positions=False, **base), 3, 20),
-                 ("explicit softmax attention",
-                  TransformerConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, attention="math", **base), 2, 24),
-                 ("one head, batch 1", TransformerConfig(d_model=16, n_layers=2, n_heads=1, d_ff=40, **base), 1, 7),
+        llama = TransformerConfig(d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=96, norm="rmsnorm",
+                                  mlp="swiglu", bias=False, learned_positions=False, **base)
+        math_attention = TransformerConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, attention="math", **base)
+        cases = [("Llama-style: RMSNorm, SwiGLU, GQA", llama, 3, 20, None),
+                 ("explicit softmax attention", math_attention, 2, 24, None),
+                 ("one head, batch 1", TransformerConfig(d_model=16, n_layers=2, n_heads=1, d_ff=40, **base), 1, 7,
+                  None),
                  ("RMSNorm with GELU", TransformerConfig(d_model=24, n_layers=2, n_heads=3, d_ff=72,
-                                                         norm="rmsnorm", **base), 4, 9)]
-    for name, config, B, T in cases:
-        args = (config, B, T)
+                                                         norm="rmsnorm", **base), 4, 9, None),
+                 ("bf16 activations (dtype_bytes=2), Llama-style", llama, 3, 20, 2),
+                 ("fp8 activations (dtype_bytes=1), explicit softmax", math_attention, 2, 24, 1),
+                 ("dtype_bytes=4 passed explicitly", math_attention, 1, 5, 4)]
+    for name, config, B, T, dtype_bytes in cases:
+        args = (config, B, T) if dtype_bytes is None else (config, B, T, dtype_bytes)
         got = c.call(name, *args)
         if not isinstance(got, (int, np.integer)) or isinstance(got, bool):
             c.fail(name, f"must return an int number of bytes, got {type(got).__name__}", args)
-        expected = _measured_block_bytes(config, B, T)
+        expected = _measured_block_bytes(config, B, T, 4 if dtype_bytes is None else dtype_bytes)
         if got != expected:
             hint = ""
-            if not hidden:
-                hint = f"; autograd saves {expected} bytes (off by {got - expected:+d})"
-            if got * 2 == expected or got == 2 * expected:
-                hint += " — factor 2: check the element size (fp32 = 4 bytes)"
-            c.fail(name, f"got {got} bytes{hint}", args)
+            if dtype_bytes not in (None, 4) and got == _measured_block_bytes(config, B, T, 4):
+                hint = f" — that is the fp32 count: big tensors take dtype_bytes={dtype_bytes} bytes each"
+            elif dtype_bytes not in (None, 4) and got == _measured_block_bytes(config, B, T, 4) * dtype_bytes // 4:
+                hint = " — the norm and softmax statistics (and the bool mask) do not shrink with dtype_bytes"
+            c.expect_number(name, got, expected, args, what="the byte count", hint=hint.removeprefix(" — "))
 
 
 # ---- gradient accumulation -----------------------------------------------------------------------

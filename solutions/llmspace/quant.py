@@ -176,6 +176,8 @@ def quantize_affine(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     Equal to ``torch.quantize_per_tensor`` / ``quantize_per_channel`` (``int_repr()``) bit for bit when
     ``zero_point`` is 0; with a non-zero zero point torch rounds ``x / scale + zero_point`` as a whole,
     which differs from rounding first (torchao's order, used here) only at exact ties with an odd zero point.
+
+    The arguments are not modified.
     """
     check_float_tensor("x", x)
     check_float_tensor("scale", scale)
@@ -212,6 +214,8 @@ def quantize_per_group(w: torch.Tensor, bits: int = 4, group_size: int = 128, sy
     Raises:
         ValueError: unsupported ``bits``, ``group_size`` not dividing the last dimension, NaN/inf in ``w``.
         TypeError: ``w`` not a float tensor.
+
+    ``w`` is not modified.
     """
     check_float_tensor("w", w)
     check_bits(bits)
@@ -247,6 +251,8 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
     Raises:
         TypeError: ``q`` not an integer tensor. ValueError: a code outside ``[0, 15]``, or a 0-d tensor.
+
+    ``q`` is not modified.
     """
     if not isinstance(q, torch.Tensor) or q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
         raise TypeError(f"q must be an integer torch.Tensor, got "
@@ -339,6 +345,8 @@ def llm_int8_matmul(x: torch.Tensor, weight: torch.Tensor, threshold: float = 6.
 
         Without the split, one outlier of magnitude 60 in a row makes that row's step 60/127 ≈ 0.47,
         and every ordinary value (|x| ≈ 1) of the row rounds to 0, ±1, ±2.
+
+    ``x`` and ``weight`` are not modified.
     """
     check_float_tensor("x", x)
     check_float_tensor("weight", weight)

@@ -67,6 +67,8 @@ def matrix_vector_multiply(A: list, v: list) -> list:
 
     Raises:
         ValueError: if a row's length differs from ``len(v)``.
+
+    ``A`` and ``v`` are not modified.
     """
     ### BEGIN SOLUTION
     result = []
@@ -345,6 +347,8 @@ def coo_to_csr(A: COO) -> CSR:
         summed into one entry. Entries that are (or sum to) zero are kept as explicit zeros, as
         ``scipy.sparse.coo_matrix.tocsr`` does. Index arrays are int32 unless nnz or n_cols needs int64;
         ``data`` keeps ``A.data.dtype``.
+
+    ``A`` is not modified.
     """
     require_type("A", A, COO)
     ### BEGIN SOLUTION
@@ -375,6 +379,8 @@ def csr_to_csc(A: CSR) -> CSC:
         ``A`` (explicit zeros and duplicates included) appears once, nothing is summed or dropped. Row
         indices increase within each column — strictly when ``A`` has no duplicate pairs; duplicates of
         one pair sit next to each other, in any order among themselves.
+
+    ``A`` is not modified.
     """
     require_type("A", A, CSR)
     ### BEGIN SOLUTION
@@ -401,6 +407,8 @@ def sparse_add(A: CSR, B: CSR) -> CSR:
 
     Raises:
         ValueError: if the shapes differ.
+
+    ``A`` and ``B`` are not modified.
     """
     require_type("A", A, CSR)
     require_type("B", B, CSR)
@@ -434,6 +442,8 @@ def csr_matvec(A: CSR, x: np.ndarray) -> np.ndarray:
     Raises:
         ValueError: if ``x`` is not 1-D of length ``n_cols``.
         TypeError: if ``x`` is not numeric.
+
+    ``A`` and ``x`` are not modified.
     """
     require_type("A", A, CSR)
     x = np.asarray(x)

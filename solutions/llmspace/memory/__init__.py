@@ -138,8 +138,10 @@ def model_state_bytes(n_params: int, policy: PrecisionPolicy, zero_stage: int = 
         world_size: number of data-parallel ranks ``N`` sharing the states.
 
     Returns:
-        ``{"weights", "grads", "master", "optimizer"}`` → bytes (int) per rank. A sharded copy holds
-        ``ceil(n_params / N)`` parameters per rank (the last shard is padded, as ZeRO/FSDP do).
+        ``{"weights", "grads", "master", "optimizer"}`` → bytes (int) per rank: parameters held ×
+        bytes per parameter, rounded up to a whole byte (``math.ceil``: a 4-bit copy of 1001 parameters
+        takes 501 bytes). A sharded copy holds ``ceil(n_params / N)`` parameters per rank (the last
+        shard is padded, as ZeRO/FSDP do).
     """
     if not isinstance(n_params, int) or n_params <= 0:
         raise ValueError(f"n_params must be a positive int, got {n_params!r}")
@@ -306,6 +308,8 @@ def accumulate_gradients(model: nn.Module, loss_fn, inputs: torch.Tensor, target
         ``p.grad`` for ``p in model.parameters()``, equal to the gradients of
         ``loss_fn(model(inputs), targets)``. Only one micro-batch's activations may be alive at a time:
         call ``backward()`` on each micro-batch before the next forward.
+
+    Only the parameters' ``.grad`` change: ``inputs`` and ``targets`` are not modified.
     """
     if not isinstance(n_micro_batches, int) or n_micro_batches < 1:
         raise ValueError(f"n_micro_batches must be a positive int, got {n_micro_batches!r}")
@@ -425,6 +429,8 @@ def replay_on_segment(segment_size: int, ops: list) -> tuple[dict, list]:
         ``(addresses, free_blocks)``: ``{name: address}`` of every malloc performed (a name may be
         reused after its free: the latest address wins), and the final free blocks as a list of
         ``(address, size)`` tuples sorted by address.
+
+    ``ops`` is not modified.
     """
     if not isinstance(segment_size, int) or segment_size <= 0 or segment_size % MIN_BLOCK:
         raise ValueError(f"segment_size must be a positive multiple of {MIN_BLOCK}, got {segment_size!r}")
@@ -484,6 +490,9 @@ def zero1_adam_step(flat_param: torch.Tensor, rank_grads: list, shard_states: li
 
     The three collectives of a real ZeRO-1 step: reduce-scatter (each rank receives the *average*
     gradient of its shard), a local Adam update of the shard, all-gather of the updated shards.
+
+    ``flat_param`` may be updated in place or left alone (the result is what counts); ``rank_grads``
+    are not modified.
     """
     n_ranks = len(rank_grads)
     if n_ranks == 0 or len(shard_states) != n_ranks:
