@@ -112,6 +112,14 @@ _HIDDEN_BAD = [
      "__metadata__ must map strings to strings"),
     ("shape that is not a list", _craft({"a": {"dtype": "F32", "shape": 2, "data_offsets": [0, 8]}}, bytes(8)),
      "shape must be a list of non-negative integers"),
+    ("a tensor entry that is not an object", _craft({"a": 5}), "each tensor entry must be an object"),
+    ("a tensor entry without a shape", _craft({"a": {"dtype": "F32", "data_offsets": [0, 8]}}, bytes(8)),
+     "each tensor entry needs dtype, shape and data_offsets"),
+    ("data_offsets that are not integers",
+     _craft({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, "8"]}}, bytes(8)),
+     "data_offsets must be two integers"),
+    ("negative shape [-1, -1]", _craft({"a": {"dtype": "F32", "shape": [-1, -1], "data_offsets": [0, 4]}}, bytes(4)),
+     "shape entries must be non-negative integers"),
     ("header is not valid JSON", b"\x05\x00\x00\x00\x00\x00\x00\x00{oops", "the header must be JSON"),
     ("header is not UTF-8", b"\x04\x00\x00\x00\x00\x00\x00\x00\"\xff\xfe\"", "the header must be UTF-8"),
 ]
@@ -214,7 +222,13 @@ def _state_dicts(hidden: bool):
     two_big = {"x": _sample(torch.float32, (10,), 20), "big1": _sample(torch.float32, (100,), 21),
                "y": _sample(torch.float32, (10,), 22), "big2": _sample(torch.float64, (60,), 23),
                "z": _sample(torch.float32, (10,), 24)}
+    over = {"a": _sample(torch.float32, (25,), 30), "b": _sample(torch.int8, (101,), 31),     # 100, 101 bytes
+            "c": _sample(torch.float32, (25,), 32), "d": _sample(torch.int8, (101,), 33)}
+    at_limit = {"s1": _sample(torch.float32, (5,), 34), "exact": _sample(torch.float32, (25,), 35),
+                "s2": _sample(torch.float32, (5,), 36)}
     return [("shard exactly full", exact, 200, None),
+            ("one byte over the limit", over, 200, None),
+            ("a tensor exactly the size of the limit", at_limit, 100, None),
             ("oversized tensor in the middle", mixed, 1700, None),
             ("bytes, not elements (bf16/int8/int64)", mixed, 2000, None),
             ("limit smaller than every tensor", exact, 10, None),
