@@ -193,7 +193,8 @@ def read_tensor(buf, name: str) -> torch.Tensor:
     Returns:
         A new CPU tensor with the header's dtype and shape, holding a *copy* of the bytes
         ``buf[data_start + begin : data_start + end]`` (so it stays valid after ``buf`` is gone and is
-        writable). Zero-element tensors are fine.
+        writable), made without a warning (``torch.frombuffer`` on read-only ``bytes`` warns and aliases
+        them). Zero-element tensors are fine.
 
     Builds on :func:`parse_safetensors_header` (call it): a failure there fails this task too.
 
