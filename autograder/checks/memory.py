@@ -4,6 +4,8 @@
 (free runs of a bitmap: merging is implicit), and ``torch.optim.Adam``."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -74,6 +76,7 @@ def check_model_state_bytes(impl, *, hidden: bool = False) -> None:
 
 # ---- activations ---------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=64)
 def _measured_block_bytes(config, B, T, dtype_bytes=4):
     """Bytes autograd saves for one block: a 2-layer model minus a 1-layer model, same inputs (fp32).
 
@@ -308,6 +311,8 @@ def check_replay_on_segment(impl, *, hidden: bool = False) -> None:
                          ("free", "a"), ("free", "c"), ("malloc", "e", 1024)], what="free space is split in two")
         c.expect_raises("double free", ValueError, 2048, [("malloc", "a", 512), ("free", "a"), ("free", "a")],
                         what="'a' is no longer allocated")
+        c.expect_raises("unknown op", ValueError, 2048, [("malloc", "a", 512), ("realloc", "a", 1024)],
+                        what="an op must be 'malloc' or 'free'")
 
 
 # ---- ZeRO-1 --------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ def check_quantize(impl, *, hidden: bool = False) -> None:
             ("4-bit signed range", (0.9, 0.1, 0, -8, 7)),
             ("4-bit unsigned with zero point", (-0.33, 0.05, 8, 0, 15)),
             ("large value, 16-bit range", (1234.567, 0.01, 0, -32768, 32767)),
+            ("one-value range qmin == qmax", (0.3, 0.1, 0, 5, 5)),
             ("tiny scale", (1e-3, 1e-6, 0)),
         ]
     for name, args in cases:
@@ -316,6 +317,8 @@ def check_llm_int8_matmul(impl, *, hidden: bool = False) -> None:
             ("float64 inputs give float32", acts(4, 24, (2,)).double(), torch.randn(5, 24, generator=g).double(),
              6.0),
             ("default threshold 6.0", acts(4, 32, (7,), 6.5), torch.randn(6, 32, generator=g), None),
+            ("one output feature (M = 1)", acts(5, 32, (4,)), torch.randn(1, 32, generator=g), 6.0),
+            ("one ordinary column left", acts(3, 4, (0, 1, 2)), torch.randn(2, 4, generator=g), 6.0),
         ]
     for name, x, w, threshold in cases:
         args = (x, w) if threshold is None else (x, w, threshold)

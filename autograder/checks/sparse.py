@@ -291,6 +291,17 @@ def check_sparse_add(impl, *, hidden: bool = False) -> None:
     if hidden:
         c.expect_raises("shape mismatch", ValueError, CSR.from_dense(np.eye(2)), CSR.from_dense(np.eye(3)),
                         what="A and B must have the same shape")
+        c.expect_raises("B smaller than A", ValueError, CSR.from_dense(np.eye(3)), CSR.from_dense(np.eye(2)),
+                        what="A and B must have the same shape")
+
+
+def _with_empty_rows(A: CSR, every: int) -> CSR:
+    """A copy of ``A`` whose every ``every``-th row is empty."""
+    m = A.to_scipy().tolil()
+    m[::every] = 0
+    m = m.tocsr()
+    m.eliminate_zeros()
+    return CSR(m.indptr, m.indices, m.data, m.shape)
 
 
 def check_csr_matvec(impl, *, hidden: bool = False) -> None:
@@ -309,6 +320,8 @@ def check_csr_matvec(impl, *, hidden: bool = False) -> None:
             ("n x 1", CSR.from_scipy(_random_sparse(rng, (64, 1), 0.3)), np.array([2.0])),
             ("random 300x200, 2% dense", CSR.from_scipy(_random_sparse(rng, (300, 200), 0.02)),
              rng.standard_normal(200)),
+            ("more than 65536 stored entries, empty rows", _with_empty_rows(
+                CSR.from_scipy(_random_sparse(rng, (700, 300), 0.5)), every=7), rng.standard_normal(300)),
             ("integers stay integers", CSR.from_scipy(_random_sparse(rng, (10, 10), 0.3, np.int64)),
              rng.integers(-5, 6, 10)),
             ("float32 stays float32", CSR.from_scipy(_random_sparse(rng, (10, 10), 0.3, np.float32)),

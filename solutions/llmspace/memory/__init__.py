@@ -423,7 +423,7 @@ def replay_on_segment(segment_size: int, ops: list) -> tuple[dict, list]:
         * ``free`` puts the block back and merges it with a free block that ends where it starts and
           with one that starts where it ends (coalescing);
         * a request that fits no free block raises ``MemoryError``; freeing a name that is not
-          allocated raises ``ValueError``.
+          allocated raises ``ValueError``, and so does an op that is neither ``"malloc"`` nor ``"free"``.
 
     Returns:
         ``(addresses, free_blocks)``: ``{name: address}`` of every malloc performed (a name may be
