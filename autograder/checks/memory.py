@@ -293,11 +293,17 @@ def check_replay_on_segment(impl, *, hidden: bool = False) -> None:
             c.fail(name, f"must return a tuple (addresses, free_blocks), got {type(got).__name__}", args)
         addresses, free_blocks = got
         exp_addresses, exp_free = _bitmap_replay(size, ops)
-        if dict(addresses) != exp_addresses:
-            bad = next(k for k in exp_addresses if addresses.get(k) != exp_addresses[k])
-            c.fail(name, f"wrong address for {bad!r}" + ("" if hidden else
-                   f": got {addresses.get(bad)}, expected {exp_addresses[bad]} (best fit: the smallest "
-                   f"free block that fits, lowest address on ties; sizes rounded up to 512)"), args)
+        if not isinstance(addresses, dict):
+            c.fail(name, f"addresses must be a dict {{name: address}}, got {type(addresses).__name__}", args)
+        if addresses != exp_addresses:
+            bad = next((k for k in exp_addresses if addresses.get(k) != exp_addresses[k]), None)
+            if bad is None:
+                c.fail(name, "addresses holds names that were never allocated"
+                       + ("" if hidden else f": {sorted(set(addresses) - set(exp_addresses))}"), args)
+            c.fail(name, ("wrong address for an allocation" if hidden else
+                          f"wrong address for {bad!r}: got {addresses.get(bad)}, expected {exp_addresses[bad]}")
+                   + " (best fit: the smallest free block that fits, lowest address on ties; sizes rounded "
+                     "up to 512)", args)
         free_list = [tuple(b) for b in free_blocks]
         if free_list != exp_free:
             adjacent = any(a + s == b for (a, s), (b, _) in zip(free_list, free_list[1:]))

@@ -65,7 +65,7 @@ def check_quantize(impl, *, hidden: bool = False) -> None:
         qmin, qmax = args[3:] if len(args) == 5 else (-128, 127)
         got = c.call(name, *args)
         if isinstance(got, bool) or not isinstance(got, (int, np.integer)):
-            c.fail(name, f"must return an int, got {type(got).__name__} {got!r}", args)
+            c.fail(name, f"must return an int, got {type(got).__name__} {c.got(got)}".rstrip(), args)
         expected = _quantize_reference(value, scale, zero_point, qmin, qmax)
         if got == expected:
             continue
