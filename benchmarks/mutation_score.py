@@ -66,6 +66,59 @@ EQUIVALENT: dict[tuple[str, str, str, int | None], str] = {
         "changes only the text of the error message",
     ("zero1_adam_step", "Sub->Add", "pad = shard * n_ranks - n", None):
         "more zero padding: every rank still slices its shard at r * shard and the result is cut to n",
+    # ex04/ex06 (helper checks2)
+    ("compress_2to4", "drop USub", "pad = (-pos.shape[1]) % 4", None):
+        "pos.shape[1] = cols / 2 is even, so it is 0 or 2 mod 4, where x % 4 == (-x) % 4",
+    ("compress_2to4", "4->5", "key = (groups == 0).to(torch.int64) * 4 + torch.arange(4", None):
+        "any factor >= 4 still sorts every non-zero position (keys 0..3) before every zero one",
+    ("parse_safetensors_header", "delete If", "if size < 8:", None):
+        "a file shorter than 8 bytes has 8 + n > size for every n: the next check raises ValueError",
+    ("parse_safetensors_header", "delete Raise", "raise ValueError(f\"truncated file:", None):
+        "a file shorter than 8 bytes has 8 + n > size for every n: the next check raises ValueError",
+    ("parse_safetensors_header", "8->7", "if size < 8:", None):
+        "a 7-byte file has 8 + n > 7 for every n: the next check raises ValueError",
+    ("parse_safetensors_header", "Lt->LtE", "if size < 8:", None):
+        "an 8-byte file is always invalid: n > 0 fails 8 + n > size, n = 0 fails json.loads (ValueError)",
+    ("parse_safetensors_header", "8->9", "if size < 8:", None):
+        "an 8-byte file is always invalid: n > 0 fails 8 + n > size, n = 0 fails json.loads (ValueError)",
+    ("parse_safetensors_header", "delete If", "if 8 + n > size:", None):
+        "a length past the end makes data_size = size - 8 - n negative; the coverage walk then raises "
+        "ValueError (the slice buf[8:8 + n] allocates no more than the file)",
+    ("parse_safetensors_header", "delete Raise", "is larger than the file: only", None):
+        "a length past the end makes data_size negative; the coverage walk then raises ValueError",
+    ("parse_safetensors_header", "Add->Sub", "if 8 + n > size:", None):
+        "8 - n > size never holds: as deleting the check, the coverage walk raises on a negative data_size",
+    ("parse_safetensors_header", "8->7", "if 8 + n > size:", None):
+        "7 + n > size misses only n = size - 7, where data_size = -1 and the coverage walk raises",
+    ("parse_safetensors_header", "delete If", "if offsets[1] > data_size:", None):
+        "an end past the data section leaves the coverage walk past data_size, which raises ValueError",
+    ("parse_safetensors_header", "delete Raise", "are out of bounds: the data", None):
+        "an end past the data section leaves the coverage walk past data_size, which raises ValueError",
+    ("parse_safetensors_header", "1->0", "if offsets[1] > data_size:", None):
+        "an end past the data section leaves the coverage walk past data_size, which raises ValueError",
+    ("parse_safetensors_header", "0->1", "or not 0 <= offsets[0] <= offsets[1]):", 36):
+        "0 <= offsets[1] <= offsets[1]: begin > end then fails the byte-count check (end - begin < 0) and "
+        "a negative begin the coverage walk (it starts at 0)",
+    ("parse_safetensors_header", "1->0", "or not 0 <= offsets[0] <= offsets[1]):", 50):
+        "0 <= begin <= begin: begin > end then fails the byte-count check (end - begin < 0 != prod * size)",
+    ("parse_safetensors_header", "Sub->Add", "is larger than the file: only {size - 8} bytes", None):
+        "changes only the text of the error message",
+    ("parse_safetensors_header", "8->9", "is larger than the file: only {size - 8} bytes", None):
+        "changes only the text of the error message",
+    ("parse_safetensors_header", "8->7", "is larger than the file: only {size - 8} bytes", None):
+        "changes only the text of the error message",
+    ("parse_safetensors_header", "Sub->Add", "{data_size - position} trailing bytes", None):
+        "changes only the text of the error message",
+    ("parse_safetensors_header", "Sub->Add", "span {offsets[1] - offsets[0]}", None):
+        "changes only the text of the error message",
+    ("parse_safetensors_header", "1->0", "span {offsets[1] - offsets[0]}", None):
+        "changes only the text of the error message",
+    ("parse_safetensors_header", "0->1", "span {offsets[1] - offsets[0]}", None):
+        "changes only the text of the error message",
+    ("read_tensor", "delete If", "if name not in tensors:", None):
+        "tensors[name] raises KeyError for a missing name anyway (only the message is plainer)",
+    ("read_tensor", "delete Raise", "raise KeyError(f\"no tensor named", None):
+        "tensors[name] raises KeyError for a missing name anyway (only the message is plainer)",
 }
 
 

@@ -12,6 +12,7 @@ import safetensors.torch as st
 import torch
 
 from autograder.checks import Checker
+from llmspace.storage import MAX_HEADER_BYTES
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int8,
            torch.uint8, torch.bool, torch.float64, torch.int16]
@@ -112,6 +113,8 @@ _HIDDEN_BAD = [
      "__metadata__ must map strings to strings"),
     ("shape that is not a list", _craft({"a": {"dtype": "F32", "shape": 2, "data_offsets": [0, 8]}}, bytes(8)),
      "shape must be a list of non-negative integers"),
+    ("header length with its most significant byte set",
+     _craft({}, length=len(b"{}") | 1 << 56), "the length is all 8 bytes, little-endian"),
     ("a tensor entry that is not an object", _craft({"a": 5}), "each tensor entry must be an object"),
     ("a tensor entry without a shape", _craft({"a": {"dtype": "F32", "data_offsets": [0, 8]}}, bytes(8)),
      "each tensor entry needs dtype, shape and data_offsets"),
@@ -165,6 +168,18 @@ def check_parse_safetensors_header(impl, *, hidden: bool = False) -> None:
         else:
             raise AssertionError(f"safetensors accepts the malformed case {name!r}")
         c.expect_raises(name, ValueError, blob, what=what)
+    if hidden:   # built here, not at import: 100 MB
+        n = MAX_HEADER_BYTES + 1
+        big = n.to_bytes(8, "little") + b"{}" + b" " * (n - 2)   # valid JSON, one byte over the limit
+        try:
+            st.load(big)
+        except Exception:  # noqa: BLE001 - the reference reader refuses it ("header too large")
+            pass
+        else:
+            raise AssertionError("safetensors accepts a header above MAX_HEADER_BYTES")
+        c.expect_raises("header longer than MAX_HEADER_BYTES (valid JSON whitespace)", ValueError, big,
+                        what="a header length above MAX_HEADER_BYTES must be rejected")
+        del big
     c.expect_raises("not bytes", TypeError, "a string", what="buf must be bytes-like")
 
 
