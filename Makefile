@@ -90,6 +90,7 @@ benchmarks: venv
 	$(PY) benchmarks/distill_minilm.py
 	$(PY) benchmarks/distill_speed.py
 	$(PY) benchmarks/storage_load.py
+	nice $(PY) benchmarks/mutation_score.py
 	$(PY) benchmarks/storage_compress.py
 	$(PY) benchmarks/storage_offload_gpu.py
 

@@ -12,6 +12,7 @@ This module is copied into the sandbox, so it imports only numpy at module level
 from __future__ import annotations
 
 import base64
+import builtins
 import dataclasses
 import importlib
 import io
@@ -20,10 +21,6 @@ import math
 import numpy as np
 
 MAX_DEPTH = 32
-SAFE_EXCEPTIONS = {e.__name__: e for e in (
-    ValueError, TypeError, IndexError, KeyError, AssertionError, AttributeError, ZeroDivisionError,
-    NotImplementedError, RuntimeError, OverflowError, ArithmeticError, LookupError, NameError,
-    RecursionError, MemoryError, OSError, UnboundLocalError, StopIteration)}
 
 
 class DecodeError(Exception):
@@ -184,14 +181,39 @@ def decode(obj, depth: int = 0):
     raise DecodeError(f"unknown tag {tag!r}")
 
 
+_BUILTIN_EXCEPTIONS = {name: cls for name, cls in vars(builtins).items()
+                       if isinstance(cls, type) and issubclass(cls, Exception)}
+
+
+def _constructible(cls) -> bool:
+    """Whether ``cls(message)`` works (``UnicodeDecodeError`` needs five arguments)."""
+    try:
+        cls("m")
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
 def decode_exception(info: dict) -> BaseException:
-    """An exception object standing for one raised in the sandbox (type rebuilt only if builtin)."""
+    """An exception object standing for one raised in the sandbox.
+
+    ``isinstance`` semantics survive the boundary: the worker sends the built-in classes of the
+    exception's MRO (``"builtins"``, most derived first); the grader rebuilds the exact built-in when the
+    exception was one, and otherwise a class of the student's name deriving from the most derived built-in
+    that takes a message (and from :class:`StudentError`). So ``class HeaderError(ValueError)`` or
+    ``json.JSONDecodeError`` satisfies ``except ValueError``, ``UnicodeDecodeError`` satisfies
+    ``except UnicodeError`` and ``except ValueError``. Only ``Exception`` subclasses are rebuilt: a
+    ``KeyboardInterrupt`` or ``SystemExit`` from the sandbox becomes a plain :class:`StudentError`."""
     name = str(info.get("type", "Exception"))[:100]
     message = str(info.get("message", ""))[:2000]
-    cls = SAFE_EXCEPTIONS.get(name)
-    if cls is KeyError:
-        return KeyError(message)
-    if cls is not None:
-        return cls(message)
+    names = info.get("builtins")
+    names = [str(n) for n in names[:16]] if isinstance(names, list) else [name]
+    bases = [_BUILTIN_EXCEPTIONS[n] for n in names if n in _BUILTIN_EXCEPTIONS]
+    if bases and bases[0].__name__ == name and _constructible(bases[0]):
+        return bases[0](message)                     # the exception was this built-in itself
+    base = next((b for b in bases if b is not Exception and _constructible(b)), None)
     safe_name = name if name.isidentifier() else "StudentError"
-    return type(safe_name, (StudentError,), {})(message)  # keeps the student's exception name
+    if base is None:
+        return type(safe_name, (StudentError,), {})(message)  # keeps the student's exception name
+    # a str() of the message as given (KeyError's own __str__ would add quotes)
+    return type(safe_name, (base, StudentError), {"__str__": Exception.__str__})(message)

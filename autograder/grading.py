@@ -14,9 +14,11 @@ Every notebook ends with exactly one status — ``graded``, ``invalid``, ``missi
 from __future__ import annotations
 
 import ast
+import builtins
 import importlib
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,6 +162,11 @@ class RemoteFunction:
             raise NameError(f"{self.name} is not defined (did its cell run without errors?)")
         if not reply.get("ok"):
             raise codec.decode_exception(reply.get("exception") or {})
+        for info in (reply.get("warnings") or [])[:10]:   # warnings the call emitted in the sandbox
+            category = getattr(builtins, str(info.get("category")), None)
+            if not (isinstance(category, type) and issubclass(category, Warning)):
+                category = UserWarning
+            warnings.warn(str(info.get("message"))[:500], category, stacklevel=2)
         for arg, after in zip(args, reply.get("args_after") or []):
             if after is not None:
                 _update_in_place(arg, after)

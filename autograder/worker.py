@@ -15,6 +15,7 @@ import pickle
 import struct
 import sys
 import traceback
+import warnings
 
 import codec
 
@@ -75,7 +76,12 @@ def write_frame(fd, payload: dict):
 
 
 def _exception_info(exc):
-    return {"type": type(exc).__name__, "message": str(exc)[:2000]}
+    """Name, message and the built-in classes of the exception's MRO (most derived first), so that the
+    grader can rebuild something ``isinstance`` of the same built-ins (e.g. a student's
+    ``class HeaderError(ValueError)`` or ``json.JSONDecodeError`` still counts as a ValueError)."""
+    builtin = [c.__name__ for c in type(exc).__mro__
+               if c.__module__ == "builtins" and issubclass(c, BaseException)]
+    return {"type": type(exc).__name__, "message": str(exc)[:2000], "builtins": builtin[:16]}
 
 
 _MAIN_PID = os.getpid()
@@ -126,7 +132,9 @@ def main():
             saved = sys.stdout, sys.stderr
             sys.stdout = sys.stderr = out
             try:
-                result = fn(*args)
+                with warnings.catch_warnings(record=True) as caught:   # the grader re-emits them
+                    warnings.simplefilter("always")
+                    result = fn(*args)
             except BaseException as exc:  # noqa: BLE001 - SystemExit from student code is an answer too
                 _exit_if_forked()
                 sys.stdout, sys.stderr = saved
@@ -137,7 +145,9 @@ def main():
                 sys.stdout, sys.stderr = saved
             try:
                 reply = {"ok": True, "result": _encode_result(result, args),
-                         "args_after": [_encode_mutable(a) for a in args]}
+                         "args_after": [_encode_mutable(a) for a in args],
+                         "warnings": [{"category": w.category.__name__, "message": str(w.message)[:500]}
+                                      for w in caught[:10]]}
             except codec.EncodeError as exc:
                 reply = {"ok": False, "exception": {"type": "TypeError", "message": str(exc)}}
             except Exception as exc:  # noqa: BLE001

@@ -68,8 +68,57 @@ def test_unknown_types_are_refused_on_the_sandbox_side():
         codec.encode(Anything())
 
 
-def test_exceptions_keep_builtin_types_only():
+def test_exceptions_keep_builtin_types_only():  # the old wire format, without "builtins"
     assert type(codec.decode_exception({"type": "ValueError", "message": "m"})) is ValueError
     err = codec.decode_exception({"type": "LinAlgError", "message": "singular"})
     assert isinstance(err, codec.StudentError) and type(err).__name__ == "LinAlgError"
     assert type(codec.decode_exception({"type": "os.system('x')", "message": ""})).__name__ == "StudentError"
+
+
+@pytest.mark.parametrize("name, mro, catch, exact", [
+    ("HeaderError", ["ValueError", "Exception", "BaseException"], ValueError, False),
+    ("JSONDecodeError", ["ValueError", "Exception", "BaseException"], ValueError, False),
+    ("UnicodeDecodeError", ["UnicodeDecodeError", "UnicodeError", "ValueError", "Exception", "BaseException"],
+     UnicodeError, False),
+    ("MissingFile", ["FileNotFoundError", "OSError", "Exception", "BaseException"], OSError, False),
+    ("TypeError", ["TypeError", "Exception", "BaseException"], TypeError, True),
+    ("KeyError", ["KeyError", "LookupError", "Exception", "BaseException"], KeyError, True),
+])
+def test_exceptions_keep_isinstance_semantics(name, mro, catch, exact):
+    """A subclass of a built-in raised in the sandbox still satisfies ``except <built-in>`` (issue 10)."""
+    err = codec.decode_exception({"type": name, "message": "bad header", "builtins": mro})
+    assert isinstance(err, catch) and type(err).__name__ == name
+    assert (type(err) is catch) == exact
+    assert "bad header" in str(err)
+    if not exact:
+        assert isinstance(err, codec.StudentError)
+
+
+def test_exceptions_never_rebuild_base_exceptions_or_forged_names():
+    err = codec.decode_exception({"type": "KeyboardInterrupt", "message": "", "builtins": ["KeyboardInterrupt",
+                                                                                         "BaseException"]})
+    assert isinstance(err, codec.StudentError) and not isinstance(err, KeyboardInterrupt)
+    err = codec.decode_exception({"type": "x; y", "message": "", "builtins": ["NoSuchError", "ValueError"]})
+    assert type(err).__name__ == "StudentError" and isinstance(err, ValueError)
+    err = codec.decode_exception({"type": "E", "message": "", "builtins": "ValueError"})  # not a list
+    assert type(err).__name__ == "E" and not isinstance(err, ValueError)
+
+
+def test_exception_mro_crosses_the_real_worker():
+    """Through the sandbox worker: a student's ValueError subclass, json's and codecs' errors."""
+    from autograder.grading import RemoteFunction
+    from autograder.sandbox import Sandbox
+    source = (
+        "import json\n"
+        "class HeaderError(ValueError):\n    pass\n"
+        "def parse(kind):\n"
+        "    if kind == 'own':\n        raise HeaderError('3 bytes is too short')\n"
+        "    if kind == 'json':\n        return json.loads('{')\n"
+        "    return b'\\xff'.decode('utf-8')\n")
+    with Sandbox() as box:
+        assert box.run_cell(source)["ok"]
+        parse = RemoteFunction(box, "parse")
+        for kind, name in (("own", "HeaderError"), ("json", "JSONDecodeError"), ("utf8", "UnicodeDecodeError")):
+            with pytest.raises(ValueError) as info:
+                parse(kind)
+            assert type(info.value).__name__ == name

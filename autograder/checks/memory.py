@@ -4,12 +4,14 @@
 (free runs of a bitmap: merging is implicit), and ``torch.optim.Adam``."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autograder.checks import Checker
+from autograder.checks import Checker, direction
 from llmspace.memory import (PRECISION_POLICIES, LiveGraphCounter, PrecisionPolicy, SavedTensorLog, Transformer,
                              TransformerConfig)
 
@@ -50,27 +52,38 @@ def check_model_state_bytes(impl, *, hidden: bool = False) -> None:
                  ("stage 1, odd count", 1_000_003, PRECISION_POLICIES["bf16-fp32-grads"], 1, 8),
                  ("stage 2, fp16 with fp32 main grads", 7_000_000_001, PRECISION_POLICIES["fp16-fp32-main-grads"], 2, 16),
                  ("custom policy", 999, PrecisionPolicy(2, 2, 4, 4), 3, 3),
+                 ("fractional bytes round up: 4-bit weights, 8-bit Adam", 1001, PrecisionPolicy(0.5, 2, 4, 2), 0, 1),
+                 ("fractional bytes on 3 ranks, ZeRO-3", 1001, PrecisionPolicy(0.5, 2, 4, 2.25), 3, 3),
+                 ("defaults: stage 0, one rank", 4321, fp32, None, None),
                  ("Llama-2-70B, ZeRO-3 on 512", 68_976_648_192, mixed, 3, 512)]
     for name, n, policy, stage, world in cases:
-        args = (n, policy, stage, world)
+        args = (n, policy) if stage is None else (n, policy, stage, world)
         got = c.call(name, *args)
         c.expect_type(name, got, dict, args)
-        expected = _zero_paper(n, policy, stage, world)
+        expected = _zero_paper(n, policy, stage or 0, world or 1)
         for key, value in expected.items():
             if key not in got:
                 c.fail(name, f"missing key {key!r}", args)
-            if got[key] != value:
-                c.fail(name, f"{key}: got {got[key]!r}" + ("" if hidden else f", expected {value}")
-                       + (" — each copy is sharded only from its stage on, and a shard holds "
-                          "ceil(n/N) elements" if hidden else ""), args)
+            if got[key] != value or isinstance(got[key], bool) or not isinstance(got[key], (int, np.integer)):
+                if got[key] == value:
+                    c.fail(name, f"{key} must be an int number of bytes, got {type(got[key]).__name__}", args)
+                c.expect_number(name, got[key], value, args, what=key,
+                                hint="each copy is sharded only from its stage on, a shard holds ceil(n/N) "
+                                     "elements, and fractional bytes round up" if hidden else "")
     if hidden:
         c.expect_raises("stage 4", ValueError, 10, fp32, 4, 2, what="zero_stage must be 0..3")
 
 
 # ---- activations ---------------------------------------------------------------------------------
 
-def _measured_block_bytes(config, B, T):
-    """Bytes autograd saves for one block: a 2-layer model minus a 1-layer model, same inputs."""
+@functools.lru_cache(maxsize=64)
+def _measured_block_bytes(config, B, T, dtype_bytes=4):
+    """Bytes autograd saves for one block: a 2-layer model minus a 1-layer model, same inputs (fp32).
+
+    For another ``dtype_bytes`` every saved float tensor is re-priced by the task's rule — big tensors
+    take ``dtype_bytes`` per element, norm/attention statistics stay fp32: a statistic is a float32
+    tensor of shape ``(..., 1)`` (LayerNorm mean/rstd, RMSNorm rstd) or ``(B, n_heads, T)`` (sdpa's
+    log-sum-exp); bool masks keep 1 byte."""
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.vocab_size, (B, T), generator=g)
     out = []
@@ -79,76 +92,113 @@ def _measured_block_bytes(config, B, T):
         model = Transformer(TransformerConfig(**{**config.__dict__, "n_layers": n_layers}))
         with SavedTensorLog(exclude=list(model.parameters())) as log:
             model.loss(tokens, tokens)
-        out.append(log.bytes)
+        total = 0
+        for shape, dtype, nbytes in log.records:
+            statistic = dtype == torch.float32 and (shape[-1:] == (1,) or shape == (B, config.n_heads, T))
+            if dtype.is_floating_point and not statistic:
+                total += nbytes // dtype.itemsize * dtype_bytes
+            else:
+                total += nbytes
+        out.append(total)
     return out[1] - out[0]
 
 
 def check_block_activation_bytes(impl, *, hidden: bool = False) -> None:
-    """Bytes one block saves for backward, compared with what PyTorch's autograd actually saves."""
+    """Bytes one block saves for backward, compared with what PyTorch's autograd actually saves (fp32),
+    re-priced for a non-default ``dtype_bytes`` by the task's rule."""
     c = Checker("block_activation_bytes", impl, hidden)
     base = dict(vocab_size=64, max_seq_len=64)
     if not hidden:
         cases = [("GPT-style: LayerNorm, GELU, sdpa", TransformerConfig(d_model=32, n_layers=2, n_heads=4,
-                                                                          d_ff=128, **base), 2, 16)]
+                                                                          d_ff=128, **base), 2, 16, None)]
     else:
-        cases = [("Llama-style: RMSNorm, SwiGLU, GQA",
-                  TransformerConfig(d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=96, norm="rmsnorm",
-                                    mlp="swiglu", bias=False, learned_positions=False, **base), 3, 20),
-                 ("explicit softmax attention",
-                  TransformerConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, attention="math", **base), 2, 24),
-                 ("one head, batch 1", TransformerConfig(d_model=16, n_layers=2, n_heads=1, d_ff=40, **base), 1, 7),
+        llama = TransformerConfig(d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=96, norm="rmsnorm",
+                                  mlp="swiglu", bias=False, learned_positions=False, **base)
+        math_attention = TransformerConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, attention="math", **base)
+        cases = [("Llama-style: RMSNorm, SwiGLU, GQA", llama, 3, 20, None),
+                 ("explicit softmax attention", math_attention, 2, 24, None),
+                 ("one head, batch 1", TransformerConfig(d_model=16, n_layers=2, n_heads=1, d_ff=40, **base), 1, 7,
+                  None),
                  ("RMSNorm with GELU", TransformerConfig(d_model=24, n_layers=2, n_heads=3, d_ff=72,
-                                                         norm="rmsnorm", **base), 4, 9)]
-    for name, config, B, T in cases:
-        args = (config, B, T)
+                                                         norm="rmsnorm", **base), 4, 9, None),
+                 ("bf16 activations (dtype_bytes=2), Llama-style", llama, 3, 20, 2),
+                 ("fp8 activations (dtype_bytes=1), explicit softmax", math_attention, 2, 24, 1),
+                 ("dtype_bytes=4 passed explicitly", math_attention, 1, 5, 4)]
+    for name, config, B, T, dtype_bytes in cases:
+        args = (config, B, T) if dtype_bytes is None else (config, B, T, dtype_bytes)
         got = c.call(name, *args)
         if not isinstance(got, (int, np.integer)) or isinstance(got, bool):
             c.fail(name, f"must return an int number of bytes, got {type(got).__name__}", args)
-        expected = _measured_block_bytes(config, B, T)
+        expected = _measured_block_bytes(config, B, T, 4 if dtype_bytes is None else dtype_bytes)
         if got != expected:
             hint = ""
-            if not hidden:
-                hint = f"; autograd saves {expected} bytes (off by {got - expected:+d})"
-            if got * 2 == expected or got == 2 * expected:
-                hint += " — factor 2: check the element size (fp32 = 4 bytes)"
-            c.fail(name, f"got {got} bytes{hint}", args)
+            if dtype_bytes not in (None, 4) and got == _measured_block_bytes(config, B, T, 4):
+                hint = f" — that is the fp32 count: big tensors take dtype_bytes={dtype_bytes} bytes each"
+            elif dtype_bytes not in (None, 4) and got == _measured_block_bytes(config, B, T, 4) * dtype_bytes // 4:
+                hint = " — the norm and softmax statistics (and the bool mask) do not shrink with dtype_bytes"
+            c.expect_number(name, got, expected, args, what="the byte count", hint=hint.removeprefix(" — "))
 
 
 # ---- gradient accumulation -----------------------------------------------------------------------
 
 def check_accumulate_gradients(impl, *, hidden: bool = False) -> None:
-    """Accumulated gradients equal the full-batch gradient; one micro-batch graph alive at a time."""
+    """Accumulated gradients equal the full-batch gradient; every forward sees one micro-batch; one
+    micro-batch graph alive at a time; stale ``.grad`` values are cleared, not added to."""
     c = Checker("accumulate_gradients", impl, hidden)
     g = torch.Generator().manual_seed(3 if hidden else 2)
     torch.manual_seed(3 if hidden else 2)
     mlp = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
     x, y = torch.randn(12, 5, generator=g), torch.randn(12, 3, generator=g)
     if not hidden:
-        cases = [("MLP, MSE loss, 12 examples in 4 micro-batches", mlp, F.mse_loss, x, y, 4)]
+        cases = [("MLP, MSE loss, 12 examples in 4 micro-batches", mlp, F.mse_loss, x, y, 4, False)]
     else:
         classes = torch.randint(0, 4, (12,), generator=g)
         torch.manual_seed(5)
         clf = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 4))
-        cases = [("one micro-batch", mlp, F.mse_loss, x, y, 1),
-                 ("one example per micro-batch", mlp, F.mse_loss, x, y, 12),
-                 ("classifier, cross-entropy, 3 micro-batches", clf, F.cross_entropy, x, classes, 3),
-                 ("classifier, 6 micro-batches", clf, F.cross_entropy, x, classes, 6)]
-    for name, model, loss_fn, inputs, targets, n in cases:
-        args = (model, loss_fn, inputs, targets, n)
+        cases = [("one micro-batch", mlp, F.mse_loss, x, y, 1, False),
+                 ("one example per micro-batch", mlp, F.mse_loss, x, y, 12, False),
+                 ("stale .grad from an earlier step must be cleared", mlp, F.mse_loss, x, y, 3, True),
+                 ("classifier, cross-entropy, 3 micro-batches", clf, F.cross_entropy, x, classes, 3, False),
+                 ("classifier, 6 micro-batches, stale .grad", clf, F.cross_entropy, x, classes, 6, True)]
+    for name, model, loss_fn, inputs, targets, n, stale in cases:
         model.zero_grad(set_to_none=True)
         full = loss_fn(model(inputs), targets)
         full.backward()
         reference = [p.grad.clone() for p in model.parameters()]
         model.zero_grad(set_to_none=True)
         wrapped = LiveGraphCounter(model)
-        got = c.call(name, wrapped, loss_fn, inputs, targets, n)
+        if stale:  # what the previous optimizer step left behind
+            gs = torch.Generator().manual_seed(len(name))
+            for p in wrapped.parameters():
+                p.grad = torch.randn(p.shape, generator=gs)
+        args = (wrapped, loss_fn, inputs, targets, n)
+        got = c.call(name, *args, mutates=(0,))
+        after = c.last_args[0]
         if not isinstance(got, (tuple, list)) or len(got) != 2:
             c.fail(name, f"must return a pair (loss, grads), got {type(got).__name__}", args)
         loss, grads = got
+        sizes = after.forward_batch_sizes() if isinstance(after, LiveGraphCounter) else []
+        micro = len(inputs) // n
+        if isinstance(after, LiveGraphCounter) and sizes != [micro] * n:
+            if any(s != micro for s in sizes):
+                first = next(s for s in sizes if s != micro)
+                problem = (f"the model was called on a batch of {first} examples; every forward must see "
+                           f"one micro-batch of {micro} ({len(inputs)} examples / {n})")
+                if first == len(inputs) and n > 1:
+                    problem += " — a full-batch forward (even just to report the loss) keeps the whole " \
+                               "batch's activations, which accumulation exists to avoid"
+            else:
+                problem = (f"the model was called {len(sizes)} times; expected one forward per micro-batch "
+                           f"({n}) — the loss is the mean of the micro-batch losses you already computed")
+            c.fail(name, problem, args)
         if not torch.is_tensor(loss) or loss.dim() != 0:
             c.fail(name, f"the loss must be a 0-d tensor, got {type(loss).__name__}", args)
         if not torch.allclose(loss.detach(), full.detach(), rtol=1e-5, atol=1e-7):
-            c.fail(name, f"returned loss {float(loss):.6g}, expected the full-batch mean {float(full):.6g}", args)
+            c.fail(name, f"the loss {direction(float(loss), float(full)) or 'is wrong'}"
+                   + ("" if hidden else f": returned {float(loss):.6g}, expected the full-batch mean "
+                                        f"{float(full):.6g}"), args)
+        if loss.requires_grad:
+            c.fail(name, "the returned loss must be detached (it still requires grad: `loss.detach()`)", args)
         if not isinstance(grads, (list, tuple)) or len(grads) != len(reference):
             c.fail(name, f"grads must be a list with one gradient per parameter ({len(reference)})", args)
         for grad, ref in zip(grads, reference):
@@ -158,9 +208,11 @@ def check_accumulate_gradients(impl, *, hidden: bool = False) -> None:
                 hint = ""
                 if n > 1 and torch.allclose(grad, ref * n, rtol=1e-4, atol=1e-6):
                     hint = f" — they are {n}× too large: divide each micro-batch loss by n_micro_batches"
+                elif stale:
+                    hint = " — clear the .grad left by an earlier step before accumulating (p.grad = None)"
                 c.fail(name, "gradients differ from the full-batch gradient" + hint, args)
-        if int(wrapped.max_alive) > 1:
-            c.fail(name, f"{int(wrapped.max_alive)} micro-batch graphs were alive at once: call backward on "
+        if isinstance(after, LiveGraphCounter) and int(after.max_alive) > 1:
+            c.fail(name, f"{int(after.max_alive)} micro-batch graphs were alive at once: call backward on "
                          f"each micro-batch before the next forward, or activations do not shrink", args)
     if hidden:
         c.expect_raises("n_micro_batches does not divide the batch", ValueError, mlp, F.mse_loss, x, y, 5,
@@ -241,11 +293,17 @@ def check_replay_on_segment(impl, *, hidden: bool = False) -> None:
             c.fail(name, f"must return a tuple (addresses, free_blocks), got {type(got).__name__}", args)
         addresses, free_blocks = got
         exp_addresses, exp_free = _bitmap_replay(size, ops)
-        if dict(addresses) != exp_addresses:
-            bad = next(k for k in exp_addresses if addresses.get(k) != exp_addresses[k])
-            c.fail(name, f"wrong address for {bad!r}" + ("" if hidden else
-                   f": got {addresses.get(bad)}, expected {exp_addresses[bad]} (best fit: the smallest "
-                   f"free block that fits, lowest address on ties; sizes rounded up to 512)"), args)
+        if not isinstance(addresses, dict):
+            c.fail(name, f"addresses must be a dict {{name: address}}, got {type(addresses).__name__}", args)
+        if addresses != exp_addresses:
+            bad = next((k for k in exp_addresses if addresses.get(k) != exp_addresses[k]), None)
+            if bad is None:
+                c.fail(name, "addresses holds names that were never allocated"
+                       + ("" if hidden else f": {sorted(set(addresses) - set(exp_addresses))}"), args)
+            c.fail(name, ("wrong address for an allocation" if hidden else
+                          f"wrong address for {bad!r}: got {addresses.get(bad)}, expected {exp_addresses[bad]}")
+                   + " (best fit: the smallest free block that fits, lowest address on ties; sizes rounded "
+                     "up to 512)", args)
         free_list = [tuple(b) for b in free_blocks]
         if free_list != exp_free:
             adjacent = any(a + s == b for (a, s), (b, _) in zip(free_list, free_list[1:]))
@@ -259,21 +317,27 @@ def check_replay_on_segment(impl, *, hidden: bool = False) -> None:
                          ("free", "a"), ("free", "c"), ("malloc", "e", 1024)], what="free space is split in two")
         c.expect_raises("double free", ValueError, 2048, [("malloc", "a", 512), ("free", "a"), ("free", "a")],
                         what="'a' is no longer allocated")
+        c.expect_raises("unknown op", ValueError, 2048, [("malloc", "a", 512), ("realloc", "a", 1024)],
+                        what="an op must be 'malloc' or 'free'")
 
 
 # ---- ZeRO-1 --------------------------------------------------------------------------------------
 
 def check_zero1_adam_step(impl, *, hidden: bool = False) -> None:
-    """Simulated ZeRO-1 Adam over several steps vs ``torch.optim.Adam`` on the mean gradient."""
+    """Simulated ZeRO-1 Adam over several steps vs ``torch.optim.Adam`` on the mean gradient; the shard
+    states must be updated in place; ``betas`` and ``eps`` are honoured."""
     c = Checker("zero1_adam_step", impl, hidden)
-    cases = [("12 parameters, 2 ranks, 3 steps", 12, 2, 3, 0.1)] if not hidden else [
-        ("one rank", 9, 1, 2, 0.05), ("padding: 10 parameters on 4 ranks", 10, 4, 3, 0.1),
-        ("more ranks than parameters", 3, 4, 2, 0.1), ("1000 parameters, 8 ranks, 5 steps", 1000, 8, 5, 1e-3)]
-    for name, n, world, steps, lr in cases:
+    cases = [("12 parameters, 2 ranks, 3 steps", 12, 2, 3, 0.1, None)] if not hidden else [
+        ("one rank", 9, 1, 2, 0.05, None), ("padding: 10 parameters on 4 ranks", 10, 4, 3, 0.1, None),
+        ("more ranks than parameters", 3, 4, 2, 0.1, None),
+        ("1000 parameters, 8 ranks, 5 steps", 1000, 8, 5, 1e-3, None),
+        ("betas (0.5, 0.9) and eps 0.1", 20, 3, 3, 0.1, ((0.5, 0.9), 0.1))]
+    for name, n, world, steps, lr, custom in cases:
         g = torch.Generator().manual_seed(n * 31 + world)
         start = torch.randn(n, generator=g, dtype=torch.float64)
         ref = nn.Parameter(start.clone())
-        adam = torch.optim.Adam([ref], lr=lr)
+        betas, eps = custom if custom else ((0.9, 0.999), 1e-8)
+        adam = torch.optim.Adam([ref], lr=lr, betas=betas, eps=eps)
         shard = -(-n // world)
         states = [{"exp_avg": torch.zeros(shard, dtype=torch.float64),
                    "exp_avg_sq": torch.zeros(shard, dtype=torch.float64)} for _ in range(world)]
@@ -282,8 +346,10 @@ def check_zero1_adam_step(impl, *, hidden: bool = False) -> None:
             grads = [torch.randn(n, generator=g, dtype=torch.float64) for _ in range(world)]
             ref.grad = torch.stack(grads).mean(0)
             adam.step()
-            args = (flat, grads, states, step, lr)
-            got = c.call(name, flat.clone(), [gr.clone() for gr in grads], states, step, lr)
+            args = (flat, grads, states, step, lr) + ((betas, eps) if custom else ())
+            # flat_param may be updated in place too (a real ZeRO step does); the states must be
+            got = c.call(name, *args, mutates=(0, 2))
+            states = c.last_args[2]
             if not torch.is_tensor(got) or got.shape != (n,):
                 c.fail(name, f"must return a 1-D tensor of {n} parameters, got "
                              f"{tuple(got.shape) if torch.is_tensor(got) else type(got).__name__}", args)
@@ -293,9 +359,15 @@ def check_zero1_adam_step(impl, *, hidden: bool = False) -> None:
                 hint = f" at step {step}; shards of ranks {wrong} are wrong"
                 if torch.allclose(got[shard:], flat[shard:]) and world > 1 and n > shard:
                     hint += " (unchanged: every rank's shard must be updated and all-gathered)"
+                if custom:
+                    hint += f" (betas={betas}, eps={eps}: use the arguments, not Adam's defaults)"
                 c.fail(name, "parameters differ from torch.optim.Adam on the averaged gradient" + hint, args)
-            flat = got
-            full_m = torch.cat([s["exp_avg"] for s in states])[:n]
-            if not torch.allclose(full_m, adam.state[ref]["exp_avg"], rtol=1e-9, atol=1e-12):
-                c.fail(name, f"exp_avg shards differ from Adam's first moment at step {step} (update the "
-                             f"state dicts in place)", args)
+            flat = got.detach().clone()
+            for key in ("exp_avg", "exp_avg_sq"):
+                try:
+                    full = torch.cat([s[key] for s in states])[:n]
+                except (TypeError, KeyError, RuntimeError):
+                    c.fail(name, f"shard_states must stay a list of dicts holding {key!r} tensors", args)
+                if full.shape != (n,) or not torch.allclose(full, adam.state[ref][key], rtol=1e-9, atol=1e-12):
+                    c.fail(name, f"{key} shards differ from Adam's {'first' if key == 'exp_avg' else 'second'} "
+                                 f"moment at step {step} (update the state dicts in place)", args)

@@ -46,8 +46,46 @@ def _torch_global_masks(weights, sparsity):
     return [m.weight_mask.bool() for m in modules]
 
 
+def _expect_bool_masks(c: Checker, case, got, weights, args):
+    """A list of bool masks, one per weight, each of its weight's shape."""
+    if not isinstance(got, list):
+        c.fail(case, f"must return a list of masks, got {type(got).__name__}", args)
+    if len(got) != len(weights):
+        c.fail(case, f"returned {len(got)} masks for {len(weights)} tensors", args)
+    for i, (m, w) in enumerate(zip(got, weights)):
+        if not isinstance(m, torch.Tensor):
+            c.fail(case, f"mask {i} must be a torch.Tensor, got {type(m).__name__}", args)
+        if m.dtype != torch.bool:
+            c.fail(case, f"mask {i} has dtype {m.dtype}; masks are bool (True = keep)", args)
+        if m.shape != w.shape:
+            c.fail(case, f"mask {i} has shape {tuple(m.shape)}, expected {tuple(w.shape)} (its weight's)", args)
+
+
+def _expect_magnitude_order(c: Checker, case, keep, scores, k, args, *, what="", where=None):
+    """``k`` entries pruned, and no pruned magnitude above a kept one. Which of several tied entries is
+    pruned is not judged: any answer with the right count and order is correct."""
+    n = scores.numel()
+    pruned = int((~keep).sum())
+    if pruned != k:
+        kth = scores.sort().values[k - 1] if k else None
+        tie = kth is not None and int((scores == kth).sum()) > 1
+        c.fail(case, f"{what}pruned {pruned} of {n} weights, expected {k}"
+                     + (" = round(sparsity * total)" if not what else "")
+                     + (": several weights tie with the threshold magnitude — prune exactly as many of them "
+                        "as the count needs (which ones is up to you)" if tie else ""), args)
+    if 0 < pruned < n:
+        largest_pruned, smallest_kept = scores[~keep].max(), scores[keep].min()
+        if largest_pruned > smallest_kept:
+            detail = "" if c.hidden else (f" ({where(scores, keep)})" if where else
+                                          f" (|w| = {largest_pruned.item():.6g} pruned, "
+                                          f"|w| = {smallest_kept.item():.6g} kept)")
+            c.fail(case, f"{what}pruned a weight whose magnitude is larger than one it kept: prune the "
+                         f"smallest |w|{detail}", args)
+
+
 def check_global_magnitude_mask(impl, *, hidden: bool = False) -> None:
-    """Global |w| threshold across tensors (reference: torch.nn.utils.prune.global_unstructured)."""
+    """Global |w| threshold across tensors: exactly round(sparsity * total) pruned, none larger than a
+    kept one (reference: torch.nn.utils.prune.global_unstructured; on ties any choice is accepted)."""
     c = Checker("global_magnitude_mask", impl, hidden)
     if not hidden:
         small = torch.tensor([[0.1, -0.5], [0.3, -0.05]])
@@ -55,6 +93,8 @@ def check_global_magnitude_mask(impl, *, hidden: bool = False) -> None:
         cases = [("two tensors, 50%", [small, large], 0.5),
                  ("random 8x6 and 6x4, 70%", [_randn(1, 8, 6), _randn(2, 6, 4) * 0.3], 0.7)]
     else:
+        g = torch.Generator().manual_seed(31)
+        close = 1.0 + torch.randperm(300, generator=g).float() * 1e-5   # distinct, closer than fp16 can tell
         cases = [
             ("sparsity 0 keeps everything", [_randn(3, 5, 5)], 0.0),
             ("a single tensor", [_randn(4, 16, 9)], 0.37),
@@ -65,21 +105,21 @@ def check_global_magnitude_mask(impl, *, hidden: bool = False) -> None:
             ("negative weights of large magnitude", [-_randn(11, 30).abs() * 5, _randn(12, 30)], 0.4),
             ("99% of four tensors", [_randn(13 + i, 12, 12) for i in range(4)], 0.99),
             ("float64 weights", [_randn(20, 9, 9, dtype=torch.float64)], 0.25),
+            ("magnitudes tie at the threshold",
+             [torch.tensor([[1.0, -1.0], [0.5, 2.0]]), torch.tensor([1.0, -2.0, 1.0, -1.0])], 0.5),
+            ("quantized weights: many ties", [torch.randint(-3, 4, (6, 8), generator=g).float(),
+                                              torch.randint(-3, 4, (10,), generator=g).float()], 0.45),
+            ("distinct magnitudes closer than float16 resolution", [close[:120].view(12, 10), -close[120:]], 0.5),
         ]
     for name, weights, sparsity in cases:
-        originals = [w.clone() for w in weights]
-        got = c.call(name, weights, sparsity)
-        if any(not torch.equal(w, o) for w, o in zip(weights, originals)):
-            c.fail(name, "modified the weights; return masks and leave the tensors alone", (originals, sparsity))
-        if not isinstance(got, list):
-            c.fail(name, f"must return a list of masks, got {type(got).__name__}", (weights, sparsity))
-        if len(got) != len(weights):
-            c.fail(name, f"returned {len(got)} masks for {len(weights)} tensors", (weights, sparsity))
-        expected = _torch_global_masks(weights, sparsity)
-        for i, (m, e) in enumerate(zip(got, expected)):
-            if isinstance(m, torch.Tensor) and m.dtype != torch.bool:
-                c.fail(name, f"mask {i} has dtype {m.dtype}; masks are bool (True = keep)", (weights, sparsity))
-            _expect_tensor(c, name, m, e, (weights, sparsity), what=f"mask {i}")
+        args = (weights, sparsity)
+        got = c.call(name, *args)          # on copies: a changed weight fails "modified its input"
+        _expect_bool_masks(c, name, got, weights, args)
+        scores = torch.cat([w.abs().double().flatten() for w in weights])
+        k = round(sparsity * scores.numel())
+        reference = torch.cat([m.flatten() for m in _torch_global_masks(weights, sparsity)])
+        assert int((~reference).sum()) == k   # the count rule is torch.nn.utils.prune's
+        _expect_magnitude_order(c, name, torch.cat([m.flatten() for m in got]), scores, k, args)
     if hidden:
         w = [_randn(30, 4, 4)]
         c.expect_raises("sparsity 1.0", ValueError, w, 1.0, what="sparsity must lie in [0, 1)")
@@ -100,8 +140,10 @@ def _loop_nm_mask(w, n, m):
 
 
 def check_nm_mask(impl, *, hidden: bool = False) -> None:
-    """n largest |w| of every m consecutive entries along the last dim (reference: a loop over groups)."""
+    """n largest |w| of every m consecutive entries along the last dim: exactly n kept per group, none
+    smaller than a dropped one of its group (reference: a loop over groups; on ties any choice)."""
     c = Checker("nm_mask", impl, hidden)
+    g = torch.Generator().manual_seed(39)
     if not hidden:
         w = torch.tensor([[0.1, -0.9, 0.5, 0.2, 3.0, 0.0, -1.0, 0.5]])
         cases = [("one row, 2:4", w, 2, 4), ("random 6x16, 2:4", _randn(40, 6, 16), 2, 4)]
@@ -114,10 +156,39 @@ def check_nm_mask(impl, *, hidden: bool = False) -> None:
             ("groups run along columns, not rows", _randn(45, 8, 4), 2, 4),
             ("4:4 keeps everything", _randn(46, 3, 8), 4, 4),
             ("float16 weights", _randn(47, 16, 64, dtype=torch.float16), 2, 4),
+            ("ties inside groups", torch.randint(-2, 3, (8, 16), generator=g).float(), 2, 4),
+            ("all-equal groups", torch.tensor([[1.0, -1.0, 1.0, -1.0, 0.0, 0.0, 0.0, 0.0]]), 2, 4),
+            ("ties, 3:8", torch.randint(-1, 2, (4, 24), generator=g).float(), 3, 8),
+            ("n and m left at their defaults (2:4)", _randn(38, 4, 8), None, None),
         ]
     for name, w, n, m in cases:
-        got = c.call(name, w, n, m)
-        _expect_tensor(c, name, got, _loop_nm_mask(w.float(), n, m), (w, n, m), what="mask")
+        args = (w, n, m) if n is not None else (w,)
+        got = c.call(name, *args)          # on copies: a changed weight fails "modified its input"
+        n, m = (2, 4) if n is None else (n, m)
+        if not isinstance(got, torch.Tensor):
+            c.fail(name, f"mask must be a torch.Tensor, got {type(got).__name__}", args)
+        if got.dtype != torch.bool:
+            c.fail(name, f"mask has dtype {got.dtype}; masks are bool (True = keep)", args)
+        if got.shape != w.shape:
+            c.fail(name, f"mask has shape {tuple(got.shape)}, expected {tuple(w.shape)} (the weight's)", args)
+        keep = got.reshape(-1, m)
+        scores = w.abs().double().reshape(-1, m)
+        counts = keep.sum(1)
+        if (counts != n).any():
+            bad = int((counts != n).nonzero()[0])
+            at = "" if hidden else f" (group {bad}: columns {bad * m % w.shape[-1]}..{bad * m % w.shape[-1] + m - 1} of row {bad * m // w.shape[-1]})"
+            tie = bool((scores[bad] == scores[bad].sort(descending=True).values[n - 1]).sum() > 1)
+            c.fail(name, f"a group of {m} keeps {int(counts[bad])} entries, expected exactly n = {n}{at}"
+                         + (": entries tie at the n-th largest |w| — keep exactly n of them (which ones is up "
+                            "to you)" if tie else ""), args)
+        dropped_max = scores.masked_fill(keep, -1.0).max(1).values
+        kept_min = scores.masked_fill(~keep, float("inf")).min(1).values
+        if (dropped_max > kept_min).any():
+            bad = int((dropped_max > kept_min).nonzero()[0])
+            at = "" if hidden else f" (group {bad}: |w| = {dropped_max[bad].item():.6g} dropped, " \
+                                   f"{kept_min[bad].item():.6g} kept)"
+            c.fail(name, f"a group drops a weight larger in magnitude than one it keeps{at}", args)
+        assert bool((_loop_nm_mask(w.double(), n, m).reshape(-1, m).sum(1) == n).all())
     if hidden:
         c.expect_raises("m does not divide the columns", ValueError, _randn(48, 4, 6), 2, 4,
                         what="m must divide the last dimension")
@@ -171,6 +242,7 @@ def _compress_cases(hidden):
         ("bfloat16", _two_four(53, 8, 24, torch.bfloat16)),
         ("float32", _two_four(54, 7, 16, torch.float32)),
         ("64x128 fp16", _two_four(55, 64, 128)),
+        ("2 rows of 1024 columns (column indices past 255)", _two_four(56, 2, 1024)),
     ]
 
 

@@ -30,8 +30,8 @@ A safetensors file is `N` (8 bytes, unsigned, **little-endian**), then `N` bytes
 data. Parse it, and **trust nothing**: a file from the internet may lie about every number. Check the
 header length against the file size *before* slicing (a 4 GB length must cost nothing), then every
 tensor's dtype, shape, byte count and bounds, and finally that the byte ranges tile the data section
-exactly — sort them by `begin` and walk through them. Raise `ValueError` with a message that names the
-problem. `int.from_bytes`, `json.loads` and `math.prod` are all you need.
+exactly — sort them by `(begin, end)` and walk through them. Raise `ValueError` (or a subclass) with a
+message that names the problem. `int.from_bytes`, `json.loads` and `math.prod` are all you need.
 """),
         Task("parse_safetensors_header", points=4),
         Markdown("""\

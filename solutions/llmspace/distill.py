@@ -91,6 +91,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         loss stays finite for logits of any size. A teacher logit of ``-inf`` (a masked token) has
         ``p_t = 0`` and contributes 0 (``0 · log 0 = 0``, as in ``F.kl_div``; see :func:`kl_terms`).
 
+    Precision: computed in float32 or wider — fp16/bf16 logits are upcast first (their 8–11 bit
+    mantissas lose the small probabilities); float32 or float64 arithmetic are both fine, and the result
+    may be float32 or float64. Graded against a float64 reference to a relative tolerance of 1e-4.
+
     Raises:
         TypeError: if the logits are not floating tensors or the temperature is not a number.
         ValueError: if the shapes differ or the temperature is not positive.
@@ -122,7 +126,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     Returns:
         0-D tensor ``alpha * kd + (1 - alpha) * ce`` where ``kd`` is :func:`kd_loss`'s
         ``T² · KL(teacher ‖ student)`` averaged over the kept positions and ``ce`` is the mean
-        cross-entropy of the student (at ``T = 1``) over the kept positions. If no position is kept, 0.
+        cross-entropy of the student (at ``T = 1``) over the kept positions. If no position is kept, a
+        0-D tensor equal to 0 (not NaN, the mean of nothing). Precision as :func:`kd_loss` (float32 or
+        wider; you may call your ``kd_loss``).
 
     Raises:
         ValueError: if ``alpha`` is outside [0, 1] or the labels' shape does not match.
@@ -185,10 +191,14 @@ def feature_distillation_loss(student_hidden: torch.Tensor, teacher_hidden: torc
 
     Returns:
         0-D tensor: the mean over kept tokens and over the ``d_teacher`` features of
-        ``(projection(student_hidden) - teacher_hidden) ** 2``; 0 if no token is kept.
+        ``(projection(student_hidden) - teacher_hidden) ** 2``; a 0-D tensor equal to 0 if no token is
+        kept. Computed in float32 or wider: float64 inputs may be computed in float32 or float64 (graded
+        against a float64 reference to a relative tolerance of 1e-4); fp16/bf16 inputs are upcast.
 
     Raises:
-        ValueError: if batch/seq dims differ, or the mask's shape is not ``(batch, seq)``.
+        ValueError: if batch/seq dims differ, the mask's shape is not ``(batch, seq)``, or
+            ``projection(student_hidden)`` does not have ``teacher_hidden``'s shape (a width-1 output
+            would otherwise broadcast silently).
     """
     for name, h in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
         if not isinstance(h, torch.Tensor) or not h.is_floating_point() or h.ndim != 3:

@@ -14,9 +14,10 @@ Which weights to drop is a separate choice: **magnitude** (smallest ``|W|``, per
 **Wanda** (``|W_ij| * ||X_j||``, the weight times the norm of the input feature it multiplies, measured
 on calibration data — a small weight on a huge activation matters).
 
-Masks here are boolean tensors, ``True`` = keep, the same shape as the weight. Tie-breaking and counts
-follow :mod:`torch.nn.utils.prune` (``round(sparsity * n)`` weights pruned, ``torch.topk`` order), so the
-tests can demand identical masks.
+Masks here are boolean tensors, ``True`` = keep, the same shape as the weight. Counts follow
+:mod:`torch.nn.utils.prune` (``round(sparsity * n)`` weights pruned). Where magnitudes tie at the
+threshold, which of the tied weights goes is arbitrary: this library takes ``torch.topk``'s choice (so
+its tests can compare masks with torch's), and any other choice with the same count is equally valid.
 """
 from __future__ import annotations
 
@@ -109,8 +110,11 @@ def global_magnitude_mask(weights: list, sparsity: float) -> list:
     Returns:
         A list of bool masks (``True`` = keep), one per weight, same shapes. Exactly
         ``round(sparsity * total)`` entries are pruned in total, those with the smallest ``|w|`` over all
-        tensors together (ties broken as ``torch.topk`` breaks them), as
-        ``torch.nn.utils.prune.global_unstructured(..., pruning_method=L1Unstructured)`` does.
+        tensors together: no pruned entry has a larger ``|w|`` than a kept one. When several entries tie
+        at the threshold magnitude, prune exactly as many of them as the count needs — which ones is
+        unspecified (``torch.topk``, a stable sort or any other order is fine). Without ties this is the
+        mask of ``torch.nn.utils.prune.global_unstructured(..., pruning_method=L1Unstructured)``. The
+        weights themselves are not modified.
 
     Raises:
         TypeError: if ``weights`` is not a list of floating tensors.
@@ -270,8 +274,10 @@ def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
         n, m: keep ``n`` of every ``m`` (2:4 by default).
 
     Returns:
-        bool tensor of ``weight``'s shape, exactly ``n`` ``True`` per group (largest ``|weight|``; ties
-        broken by ``torch.topk``).
+        bool tensor of ``weight``'s shape, exactly ``n`` ``True`` per group: the ``n`` largest ``|weight|``
+        of the group, so no dropped entry is larger in magnitude than a kept one of its group. When
+        entries tie at the ``n``-th largest magnitude, keep exactly ``n`` — which of the tied ones is
+        unspecified. ``weight`` is not modified.
 
     Raises:
         ValueError: if ``m`` does not divide the last dimension or not ``1 <= n <= m``.

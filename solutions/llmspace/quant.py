@@ -182,6 +182,8 @@ def quantize_affine(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     Equal to ``torch.quantize_per_tensor`` / ``quantize_per_channel`` (``int_repr()``) bit for bit when
     ``zero_point`` is 0; with a non-zero zero point torch rounds ``x / scale + zero_point`` as a whole,
     which differs from rounding first (torchao's order, used here) only at exact ties with an odd zero point.
+
+    The arguments are not modified.
     """
     check_float_tensor("x", x)
     check_float_tensor("scale", scale)
@@ -218,6 +220,8 @@ def quantize_per_group(w: torch.Tensor, bits: int = 4, group_size: int = 128, sy
     Raises:
         ValueError: unsupported ``bits``, ``group_size`` not dividing the last dimension, NaN/inf in ``w``.
         TypeError: ``w`` not a float tensor.
+
+    ``w`` is not modified.
     """
     check_float_tensor("w", w)
     check_bits(bits)
@@ -253,6 +257,8 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
     Raises:
         TypeError: ``q`` not an integer tensor. ValueError: a code outside ``[0, 15]``, or a 0-d tensor.
+
+    ``q`` is not modified.
     """
     if not isinstance(q, torch.Tensor) or q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
         raise TypeError(f"q must be an integer torch.Tensor, got "
@@ -331,12 +337,23 @@ def llm_int8_matmul(x: torch.Tensor, weight: torch.Tensor, threshold: float = 6.
         (column of ``x``) is an outlier if any ``|x[:, k]| > threshold``.
 
     Returns:
-        ``(N, M)`` float32: the outlier columns multiplied in fp16 (x and weight rounded to fp16),
-        plus the other columns in int8 — ``x`` quantized per row (vector-wise, symmetric, absmax/127),
-        ``weight`` per output row — multiplied in exact integer arithmetic and rescaled by the outer
-        product of the two scale vectors. Without the split, one outlier of magnitude 60 in a row makes
-        that row's step 60/127 ≈ 0.47: a value of size 1 rounds to ±2 steps, and the row's standard-normal
-        values share about a dozen of the 255 levels (chapter 3 counts them).
+        ``(N, M)`` float32 (whatever the input dtype): the outlier columns multiplied in fp16, plus the
+        other columns in int8.
+
+        * fp16 part: ``x[:, outliers]`` and ``weight[:, outliers]`` rounded to fp16 and multiplied —
+          with fp16 arithmetic (an fp16 matmul, as on a GPU) or with the fp16 values in float32; both
+          are accepted, i.e. the result may differ from the exact product of the fp16 values by fp16
+          rounding, at most ``(k + 1) · 2⁻¹¹ · Σ|x·w|`` over the ``k`` outlier columns.
+        * int8 part: ``x`` quantized per row (vector-wise, symmetric: scale = absmax / 127 in float32,
+          at least float32 eps, codes ``round(x / scale)`` clamped to ±127), ``weight`` likewise per
+          output row; the codes multiplied in exact integer arithmetic and rescaled by the outer product
+          of the two scale vectors (float32 rounding only).
+
+        Without the split, one outlier of magnitude 60 in a row makes that row's step 60/127 ≈ 0.47: a
+        value of size 1 rounds to ±2 steps, and the row's standard-normal values share about a dozen of
+        the 255 levels (chapter 3 counts them).
+
+    ``x`` and ``weight`` are not modified.
     """
     check_float_tensor("x", x)
     check_float_tensor("weight", weight)

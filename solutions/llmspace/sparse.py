@@ -73,6 +73,8 @@ def matrix_vector_multiply(A: list, v: list) -> list:
 
     Raises:
         ValueError: if a row's length differs from ``len(v)``.
+
+    ``A`` and ``v`` are not modified.
     """
     ### BEGIN SOLUTION
     result = []
@@ -378,6 +380,8 @@ def coo_to_csr(A: COO) -> CSR:
         summed into one entry. Entries that are (or sum to) zero are kept as explicit zeros, as
         ``scipy.sparse.coo_matrix.tocsr`` does. Index arrays are int32 unless nnz or n_cols needs int64;
         ``data`` keeps ``A.data.dtype``.
+
+    ``A`` is not modified.
     """
     require_type("A", A, COO)
     ### BEGIN SOLUTION
@@ -397,16 +401,19 @@ def coo_to_csr(A: COO) -> CSR:
 
 
 def csr_to_csc(A: CSR) -> CSC:
-    """Convert CSR to CSC with row indices sorted within each column.
+    """Convert CSR to CSC, keeping every stored entry.
 
     Args:
-        A: a CSR matrix, canonical or not.
+        A: a CSR matrix, canonical or not (column indices may be unsorted within a row, and a
+            ``(row, col)`` pair may be stored more than once).
 
     Returns:
-        The same matrix in CSC, with the same ``data`` dtype and the same nnz: duplicates are kept as
-        separate (adjacent) entries, as ``scipy.sparse.csr_matrix.tocsc`` keeps them. Row indices are
-        non-decreasing within each column, and strictly increasing (canonical CSC) when ``A`` has no
-        duplicates.
+        The same matrix in CSC with the same ``data`` dtype and the same ``nnz``: every stored entry of
+        ``A`` (explicit zeros and duplicates included) appears once, nothing is summed or dropped. Row
+        indices increase within each column — strictly when ``A`` has no duplicate pairs; duplicates of
+        one pair sit next to each other, in any order among themselves.
+
+    ``A`` is not modified.
     """
     require_type("A", A, CSR)
     ### BEGIN SOLUTION
@@ -434,6 +441,8 @@ def sparse_add(A: CSR, B: CSR) -> CSR:
 
     Raises:
         ValueError: if the shapes differ.
+
+    ``A`` and ``B`` are not modified.
     """
     require_type("A", A, CSR)
     require_type("B", B, CSR)
@@ -467,6 +476,8 @@ def csr_matvec(A: CSR, x: np.ndarray) -> np.ndarray:
     Raises:
         ValueError: if ``x`` is not 1-D of length ``n_cols``.
         TypeError: if ``x`` is not numeric.
+
+    ``A`` and ``x`` are not modified.
     """
     require_type("A", A, CSR)
     x = np.asarray(x)

@@ -89,17 +89,22 @@ def parse_safetensors_header(buf) -> tuple[dict, dict, int]:
 
     Returns:
         ``(tensors, metadata, data_start)``: ``tensors`` maps name → the header's dict for it (in
-        header order), ``metadata`` is the ``__metadata__`` dict (``{}`` when absent) and
-        ``data_start = 8 + N`` is the file offset of the data section.
+        header order, which need not be offset order), ``metadata`` is the ``__metadata__`` dict
+        (``{}`` when absent) and ``data_start = 8 + N`` is the file offset of the data section.
 
     Raises:
         TypeError: if ``buf`` is not a bytes-like object.
-        ValueError: naming the problem, for a file shorter than 8 bytes, a header length above
+        ValueError (or any subclass of it, e.g. ``json.JSONDecodeError`` or your own error class):
+            naming the problem, for a file shorter than 8 bytes, a header length above
             :data:`MAX_HEADER_BYTES` or past the end of the file (checked *before* reading the header,
-            so a hostile length allocates nothing), a header that is not a JSON object, an unknown
-            dtype (see :data:`DTYPES`), a bad shape or offsets, a byte range that does not match
+            so a hostile length allocates nothing), a header that is not UTF-8 JSON or not an object,
+            a ``__metadata__`` that does not map strings to strings, an unknown dtype (see
+            :data:`DTYPES`), a shape that is not a list of non-negative ints, offsets that are not
+            ``[begin, end]`` ints with ``0 <= begin <= end``, a byte range that does not match
             ``prod(shape) * element size``, a range past the end of the data, and ranges that overlap
-            or leave gaps (the data section must be covered exactly, as the reference reader requires).
+            or leave gaps (the data section must be covered exactly, as the reference reader requires:
+            sort the ranges by ``(begin, end)`` — by ``begin`` alone, an empty tensor ``[b, b]`` can
+            land after a tensor starting at ``b`` — and walk through them).
     """
     if not isinstance(buf, (bytes, bytearray, memoryview, mmap.mmap)):
         raise TypeError(f"buf must be bytes-like (bytes, bytearray, memoryview or mmap), "
@@ -188,7 +193,10 @@ def read_tensor(buf, name: str) -> torch.Tensor:
     Returns:
         A new CPU tensor with the header's dtype and shape, holding a *copy* of the bytes
         ``buf[data_start + begin : data_start + end]`` (so it stays valid after ``buf`` is gone and is
-        writable). Zero-element tensors are fine.
+        writable), made without a warning (``torch.frombuffer`` on read-only ``bytes`` warns and aliases
+        them). Zero-element tensors are fine.
+
+    Builds on :func:`parse_safetensors_header` (call it): a failure there fails this task too.
 
     Raises:
         KeyError: if the file has no tensor called ``name``.
@@ -418,7 +426,9 @@ def shard_state_dict(state_dict: dict, max_shard_bytes: int,
     Greedy, in the state dict's order, the rule ``huggingface_hub.split_torch_state_dict_into_shards``
     uses: a tensor that would push the current shard past the limit closes it and starts a new one; a
     tensor larger than the limit on its own gets a shard of its own, appended when it is met (the
-    current shard stays open). A tensor's size is ``numel * element_size`` bytes.
+    current shard stays open). A tensor's size is ``numel * element_size`` bytes. Shards are listed in
+    the order they are appended: a shard when it closes (the last one at the end), an oversized
+    tensor's shard when it is met — so it comes *before* the shard that was open at that moment.
 
     Args:
         state_dict: name → ``torch.Tensor``.
@@ -426,7 +436,8 @@ def shard_state_dict(state_dict: dict, max_shard_bytes: int,
         prefix: file names are ``f"{prefix}-{i:05d}-of-{n:05d}.safetensors"`` (``i`` from 1).
 
     Returns:
-        ``(shards, index)``: ``shards`` is a list of dicts name → tensor; ``index`` is the
+        ``(shards, index)``: ``shards`` is a list of new dicts name → tensor (``state_dict`` itself is
+        not modified); ``index`` is the
         ``model.safetensors.index.json`` content transformers reads:
         ``{"metadata": {"total_size": <sum of tensor bytes>}, "weight_map": {name: file name}}``
         with ``weight_map`` in the state dict's order. An empty state dict gives ``([], index)``

@@ -138,8 +138,10 @@ def model_state_bytes(n_params: int, policy: PrecisionPolicy, zero_stage: int = 
         world_size: number of data-parallel ranks ``N`` sharing the states.
 
     Returns:
-        ``{"weights", "grads", "master", "optimizer"}`` → bytes (int) per rank. A sharded copy holds
-        ``ceil(n_params / N)`` parameters per rank (the last shard is padded, as ZeRO/FSDP do).
+        ``{"weights", "grads", "master", "optimizer"}`` → bytes (int) per rank: parameters held ×
+        bytes per parameter, rounded up to a whole byte (``math.ceil``: a 4-bit copy of 1001 parameters
+        takes 501 bytes). A sharded copy holds ``ceil(n_params / N)`` parameters per rank (the last
+        shard is padded, as ZeRO/FSDP do).
     """
     if not isinstance(n_params, int) or n_params <= 0:
         raise ValueError(f"n_params must be a positive int, got {n_params!r}")
@@ -306,6 +308,8 @@ def accumulate_gradients(model: nn.Module, loss_fn, inputs: torch.Tensor, target
         ``p.grad`` for ``p in model.parameters()``, equal to the gradients of
         ``loss_fn(model(inputs), targets)``. Only one micro-batch's activations may be alive at a time:
         call ``backward()`` on each micro-batch before the next forward.
+
+    Only the parameters' ``.grad`` change: ``inputs`` and ``targets`` are not modified.
     """
     if not isinstance(n_micro_batches, int) or n_micro_batches < 1:
         raise ValueError(f"n_micro_batches must be a positive int, got {n_micro_batches!r}")
@@ -343,21 +347,48 @@ class LiveGraphCounter(nn.Module):
     """Wraps a model and counts forward graphs whose backward has not reached the output yet.
 
     ``max_alive`` (a buffer, so it travels with ``state_dict``) is the largest number of micro-batch
-    graphs — and hence activation sets — that were alive together: 1 for correct accumulation."""
+    graphs — and hence activation sets — that were alive together: 1 for correct accumulation.
+    ``batch_sizes[:n_forwards]`` (buffers too) are the batch sizes (``len(x)``) of the forward calls, in
+    order, the first :attr:`MAX_FORWARDS` of them. Copies and pickles keep the parameters' ``.grad``
+    (a plain ``nn.Module`` drops them), so a grader can hand a model with stale gradients to code that
+    runs elsewhere."""
+
+    MAX_FORWARDS = 256
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.register_buffer("alive", torch.zeros((), dtype=torch.long))
         self.register_buffer("max_alive", torch.zeros((), dtype=torch.long))
+        self.register_buffer("n_forwards", torch.zeros((), dtype=torch.long))
+        self.register_buffer("batch_sizes", torch.zeros(self.MAX_FORWARDS, dtype=torch.long))
 
     def forward(self, x):
+        if int(self.n_forwards) < self.MAX_FORWARDS:
+            self.batch_sizes[int(self.n_forwards)] = len(x)
+        self.n_forwards += 1
         out = self.model(x)
         if out.requires_grad:
             self.alive += 1
             self.max_alive.copy_(torch.maximum(self.max_alive, self.alive))
             out.register_hook(self._backward_reached)
         return out
+
+    def forward_batch_sizes(self) -> list[int]:
+        return self.batch_sizes[:min(int(self.n_forwards), self.MAX_FORWARDS)].tolist()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_grads"] = [None if p.grad is None else p.grad.detach().clone() for p in self.parameters()]
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        grads = state.pop("_grads", None)
+        super().__setstate__(state)
+        if grads is not None:
+            for p, g in zip(self.parameters(), grads):
+                p.grad = g
 
     def _backward_reached(self, grad):
         self.alive -= 1
@@ -392,12 +423,14 @@ def replay_on_segment(segment_size: int, ops: list) -> tuple[dict, list]:
         * ``free`` puts the block back and merges it with a free block that ends where it starts and
           with one that starts where it ends (coalescing);
         * a request that fits no free block raises ``MemoryError``; freeing a name that is not
-          allocated raises ``ValueError``.
+          allocated raises ``ValueError``, and so does an op that is neither ``"malloc"`` nor ``"free"``.
 
     Returns:
         ``(addresses, free_blocks)``: ``{name: address}`` of every malloc performed (a name may be
         reused after its free: the latest address wins), and the final free blocks as a list of
         ``(address, size)`` tuples sorted by address.
+
+    ``ops`` is not modified.
     """
     if not isinstance(segment_size, int) or segment_size <= 0 or segment_size % MIN_BLOCK:
         raise ValueError(f"segment_size must be a positive multiple of {MIN_BLOCK}, got {segment_size!r}")
@@ -457,6 +490,9 @@ def zero1_adam_step(flat_param: torch.Tensor, rank_grads: list, shard_states: li
 
     The three collectives of a real ZeRO-1 step: reduce-scatter (each rank receives the *average*
     gradient of its shard), a local Adam update of the shard, all-gather of the updated shards.
+
+    ``flat_param`` may be updated in place or left alone (the result is what counts); ``rank_grads``
+    are not modified.
     """
     n_ranks = len(rank_grads)
     if n_ranks == 0 or len(shard_states) != n_ranks:
