@@ -398,27 +398,28 @@ def dequantize_blocks(raw, type_name: str) -> torch.Tensor:
     if raw.size % gtype.type_size:
         raise ValueError(f"{raw.size} bytes is not a whole number of {type_name} blocks "
                          f"({gtype.type_size} bytes each)")
-    data = torch.from_numpy(np.array(raw, copy=True))     # owns its memory; the map is read-only
     if type_name == "F32":
-        return data.view(torch.float32)
+        return torch.from_numpy(raw.view(np.float32).copy())
     if type_name == "F16":
-        return data.view(torch.float16).float()
-    if type_name == "BF16":
-        return data.view(torch.bfloat16).float()
+        return torch.from_numpy(raw.view(np.float16).astype(np.float32))
+    if type_name == "BF16":                 # bf16 is the top half of an fp32: shift the bits up
+        return torch.from_numpy((raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32))
     if type_name not in ("Q8_0", "Q4_0", "Q4_1"):
         raise NotImplementedError(f"dequantizing ggml type {type_name} is not implemented "
                                   f"(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)")
-    blocks = data.view(-1, gtype.type_size)                            # (n_blocks, type_size)
-    d = blocks[:, 0:2].contiguous().view(torch.float16).float()       # (n_blocks, 1)
+    blocks = raw.reshape(-1, gtype.type_size)                          # (n_blocks, type_size)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)      # (n_blocks, 1)
     if type_name == "Q8_0":
-        q = blocks[:, 2:].contiguous().view(torch.int8).float()        # (n_blocks, 32)
-        return (q * d).reshape(-1)
+        q = blocks[:, 2:].copy().view(np.int8).astype(np.float32)      # (n_blocks, 32)
+        return torch.from_numpy((q * d).reshape(-1))
     qs = blocks[:, 4:] if type_name == "Q4_1" else blocks[:, 2:]      # (n_blocks, 16)
-    q = torch.cat([qs & 0x0F, qs >> 4], dim=1)                         # (n_blocks, 32): low nibbles first
+    q = np.empty((len(blocks), 32), dtype=np.uint8)                    # (n_blocks, 32)
+    q[:, :16] = qs & 0x0F                                              # weights 0..15: low nibbles
+    q[:, 16:] = qs >> 4                                                # weights 16..31: high nibbles
     if type_name == "Q4_0":
-        return (d * (q.to(torch.int8) - 8).float()).reshape(-1)
-    m = blocks[:, 2:4].contiguous().view(torch.float16).float()       # (n_blocks, 1)
-    return (d * q.float() + m).reshape(-1)
+        return torch.from_numpy((d * (q.astype(np.float32) - np.float32(8))).reshape(-1))
+    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)     # (n_blocks, 1)
+    return torch.from_numpy((d * q.astype(np.float32) + m).reshape(-1))
 
 
 # --------------------------------------------------------------------------------------------------
