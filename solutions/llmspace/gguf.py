@@ -1,6 +1,6 @@
 """GGUF, llama.cpp's single-file model format, read from its specification.
 
-A GGUF file (spec: ggml's ``docs/gguf.md``, {cite}`gguf-spec`) is four regions, all little-endian:
+A GGUF file (spec: ``docs/gguf.md`` in github.com/ggml-org/ggml) is four regions, all little-endian:
 
 1. **Header**, 24 bytes: magic ``b"GGUF"`` (4 bytes), ``uint32`` version (2 or 3 here; version 1
    used ``uint32`` counts and string lengths and is not read), ``uint64`` tensor count, ``uint64``
