@@ -70,7 +70,7 @@ class Limits:
     resident_bytes: int = 4 * 2**30    # cgroup memory: RAM + tmpfs files + shared memory + memfd, all processes
     file_bytes: int = 64 * 2**20       # RLIMIT_FSIZE: largest file the notebook may write
     cpu_seconds: int = 900             # RLIMIT_CPU for the whole notebook
-    processes: int = 128               # cgroup pids.max (RLIMIT_NPROC of the slot user without a cgroup)
+    processes: int = 64                # cgroup pids.max (RLIMIT_NPROC of the slot user without a cgroup)
     open_files: int = 1024             # RLIMIT_NOFILE
     workdir_bytes: int = 512 * 2**20   # tmpfs size of the working directory
     tmp_bytes: int = 256 * 2**20       # tmpfs size of /tmp and of /dev/shm (each)

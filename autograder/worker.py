@@ -1,7 +1,7 @@
 """The sandboxed side of grading: runs a student's notebook cells and calls their functions on request.
 
-Started by :mod:`autograder.sandbox` (inside namespaces, as an unprivileged user, under resource limits)
-as ``python worker.py CMD_FD REPLY_FD``. It reads commands from CMD_FD and answers on REPLY_FD, one frame
+Started by :mod:`autograder.sandbox` (by bubblewrap, in an allow-list root, inside namespaces, as an
+unprivileged user, in a cgroup and under rlimits) as ``python worker.py CMD_FD REPLY_FD``. It reads commands from CMD_FD and answers on REPLY_FD, one frame
 each (4-byte big-endian length + payload). Commands are pickles from the trusted grader; replies are JSON
 produced by :mod:`codec` — the only thing the grader ever reads from here. Cell output is captured with
 a size cap; stdout/stderr file descriptors point at a capped log, never at the grader.

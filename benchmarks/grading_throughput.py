@@ -4,8 +4,9 @@
         → benchmarks/results/grading_throughput.json
 
 Grades the same cohort (half reference answers, half untouched releases of ex01_sparse) twice in one
-run — with the full sandbox (needs root) and degraded (resource limits only) — and times the start and
-stop of an empty sandbox, so the per-notebook overhead of isolation is measured, not guessed.
+run — with the full sandbox (bubblewrap, a slot user and a cgroup: needs root) and degraded (rlimits
+only) — and times the start and stop of an empty sandbox (start the worker, run one empty cell, stop it
+and clean the slot), so the per-notebook overhead of isolation is measured, not guessed.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
 from autograder import cli  # noqa: E402
-from autograder.sandbox import Sandbox, isolation_available  # noqa: E402
+from autograder.sandbox import Sandbox, isolation, isolation_available  # noqa: E402
 from autograder.sync import ROOT, notebook_path  # noqa: E402
 
 NAME = "ex01_sparse"
@@ -73,7 +74,10 @@ def main() -> None:
             rows.append({"mode": mode, "notebooks": args.notebooks, "workers": args.workers, "seconds": seconds,
                          "notebooks_per_minute": args.notebooks / seconds * 60,
                          "empty_sandbox_seconds": empty_sandbox_seconds(mode == "sandbox")})
-    payload = {"assignment": NAME, "isolation": isolated or why, "results": rows,
+    iso = isolation()
+    payload = {"assignment": NAME, "isolation": isolated or why, "sandbox": {"mode": iso.mode, "cgroup": iso.cgroup,
+                                                                             "why": iso.why},
+               "results": rows,
                "settings": {"cohort": "half reference answers, half untouched releases"}}
     path = write_result("grading_throughput", payload)
     for r in rows:

@@ -37,8 +37,8 @@ needs_root = pytest.mark.skipif(not FULL_SANDBOX and not os.environ.get("CI"),
                                 reason=f"full sandbox unavailable here ({WHY or 'not root'}); CI runs it as root")
 # Generous enough for honest work on a loaded 2-core machine; the attacks run forever, so any limit catches them.
 LIMITS = Limits(cell_seconds=20, call_seconds=20, notebook_seconds=180, cpu_seconds=300,
-                resident_bytes=1 * 2**30, tmp_bytes=64 * 2**20)
-MEMFD_CHUNKS = 24  # 24 x 64 MiB = 1.5 GiB > resident_bytes
+                resident_bytes=1 * 2**30, tmp_bytes=64 * 2**20, processes=32)  # an idle sandbox: 4 processes
+MEMORY_CHUNKS = 24  # 24 x 64 MiB = 1.5 GiB > resident_bytes
 HONEST = [f"honest_{i:02d}" for i in range(4)]
 TAG = uuid.uuid4().hex[:12]
 
@@ -136,7 +136,7 @@ def graded(tmp_path_factory, listener, host_traps):
     release = nbformat.read(course / "release" / NAME / f"{NAME}.ipynb", as_version=4)
     context = {"source_notebook": notebook_path(cli.all_assignments()[NAME]),
                "library": ROOT / "solutions" / "llmspace" / "sparse.py", "port": listener[0],
-               "tag": TAG, "ipc_key": int(TAG[:7], 16), "memfd_chunks": MEMFD_CHUNKS, **host_traps}
+               "tag": TAG, "ipc_key": int(TAG[:7], 16), "memory_chunks": MEMORY_CHUNKS, **host_traps}
     incoming = tmp_path_factory.mktemp("incoming")
 
     def put(student, content, filename=f"{NAME}.ipynb"):
