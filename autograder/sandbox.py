@@ -271,9 +271,16 @@ class _Cgroup:
             raise RuntimeError(why)
         self.version = version
         self.dirs = [self._base[k] / name for k in (("",) if version == "v2" else ("memory", "pids"))]
-        for d in self.dirs:
-            d.mkdir()
-        if version == "v2":
+        try:
+            for d in self.dirs:
+                d.mkdir()
+            self._set_limits(limits)
+        except OSError:
+            self.remove()
+            raise
+
+    def _set_limits(self, limits: Limits) -> None:
+        if self.version == "v2":
             d = self.dirs[0]
             (d / "memory.max").write_text(str(limits.resident_bytes))
             if (d / "memory.swap.max").exists():
@@ -548,7 +555,10 @@ class Sandbox:
             _clean_slot(self.slot, self.uid)
             self.stage = Path(tempfile.mkdtemp(prefix=f"slot-{self.slot}-", dir=SLOT_DIR))
             if self._iso.cgroup:
-                self.cgroup = _Cgroup(_Cgroup.new_name(self.slot), self.limits)
+                try:
+                    self.cgroup = _Cgroup(_Cgroup.new_name(self.slot), self.limits)
+                except OSError as exc:  # e.g. the cgroup tree ran out of room: rlimits still hold
+                    _warn_once("cgroup", f"sandbox without a cgroup ({exc}): rlimits bound memory and processes")
             _write_slot_state(self.slot, stage=str(self.stage),
                               cgroups=[str(d) for d in self.cgroup.dirs] if self.cgroup else [])
         else:
