@@ -481,6 +481,7 @@ def _clean_slot(slot: int, uid: int) -> None:
     """Remove everything a previous notebook in this slot may have left (its grader may have been killed):
     the sandbox's cgroups (and their processes), its staging directory, the slot user's processes, files
     and IPC objects. Called with the slot's lock held, when the slot is taken and when it is released."""
+    import json  # local on purpose: the slot state does not depend on the protocol section's imports
     state = _slot_state(slot)
     try:
         previous = json.loads(state.read_text())
@@ -499,6 +500,7 @@ def _clean_slot(slot: int, uid: int) -> None:
 
 
 def _write_slot_state(slot: int, **state) -> None:
+    import json
     tmp = _slot_state(slot).with_suffix(".tmp")
     tmp.write_text(json.dumps(state))
     os.replace(tmp, _slot_state(slot))
@@ -835,7 +837,7 @@ class Sandbox:
         """Execute one cell; returns {"ok", "output", "error": {type, message} | None}."""
         self._send({"op": "run", "source": source})
         reply = self._reply(self.limits.cell_seconds, "running a cell")
-        err = reply.get("error") or {}
+        err = reply.get("error") if isinstance(reply.get("error"), dict) else {}
         kind, message = err.get("type"), str(err.get("message", "")).lower()
         if kind == "MemoryError":
             self._event(f"memory: a MemoryError (address-space limit {_size(self.limits.memory_bytes)})")
