@@ -35,7 +35,6 @@ VARIANTS = [
     ("int8 K per-token, V per-token", (8, "token"), (8, "token")),
     ("int4 K per-token, V per-token", (4, "token"), (4, "token")),
     ("int4 K per-channel, V per-token", (4, "channel"), (4, "token")),
-    ("int4 K per-channel, V per-channel", (4, "channel"), (4, "channel")),
     ("int2 K per-channel, V per-token", (2, "channel"), (2, "token")),
 ]
 GROUP_TOKENS = 128     # per-channel groups along tokens (KIVI uses 32-128)
