@@ -148,6 +148,8 @@ def same(a, b, depth: int = 0) -> bool:
     if dataclasses.is_dataclass(a) and not isinstance(a, type):
         return type(a) is type(b) and all(same(getattr(a, f.name), getattr(b, f.name), depth + 1)
                                           for f in dataclasses.fields(a))
+    if callable(a) and callable(b) and not isinstance(a, type):
+        return True   # functions (a loss_fn, a functools.partial) are code, not data the answer could change
     if isinstance(a, dict):
         return (isinstance(b, dict) and list(a) == list(b)
                 and all(same(a[k], b[k], depth + 1) for k in a))
@@ -309,16 +311,24 @@ class Checker:
     def _not_implemented(self):
         self._raise(f"{self.name}: not implemented yet (it still raises NotImplementedError)")
 
-    def call(self, case: str, *args, hint: str = "", mutates: tuple = (), new: bool = False):
+    @property
+    def remote(self) -> bool:
+        """Whether the implementation runs in the grader's sandbox (a RemoteFunction), whose call
+        protocol carries positional arguments only."""
+        return getattr(self.impl, "sandbox", None) is not None
+
+    def call(self, case: str, *args, hint: str = "", mutates: tuple = (), new: bool = False,
+             keywords: dict | None = None):
         """Call the implementation on deep copies of ``args``; an exception becomes a CheckFailed.
 
         ``mutates``: indices of the arguments the task allows (or requires) the function to change; the
         changed copies are in :attr:`last_args`. Any other argument that changes fails the case.
-        ``new``: the result must be a new object, not one of the arguments."""
+        ``new``: the result must be a new object, not one of the arguments. ``keywords``: keyword
+        arguments (in-process only: see :attr:`remote`)."""
         copies = tuple(_copy(a) for a in args)
         self.last_args = copies
         try:
-            result = self.impl(*copies)
+            result = self.impl(*copies, **(keywords or {}))
         except NotImplementedError:
             self._not_implemented()
         except CheckFailed:
@@ -340,13 +350,13 @@ class Checker:
                 self.fail(case, f"your function modified its input argument `{self.arg_name(i)}`; "
                                 f"leave the inputs unchanged and build the result separately", originals)
 
-    def expect_raises(self, case: str, errors, *args, what: str = ""):
+    def expect_raises(self, case: str, errors, *args, what: str = "", keywords: dict | None = None):
         """The implementation must reject these arguments with one of ``errors``."""
         errors = errors if isinstance(errors, tuple) else (errors,)
         names = " or ".join(e.__name__ for e in errors)
         copies = tuple(_copy(a) for a in args)
         try:
-            result = self.impl(*copies)
+            result = self.impl(*copies, **(keywords or {}))
         except NotImplementedError:
             self._not_implemented()
         except errors:

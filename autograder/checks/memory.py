@@ -143,24 +143,38 @@ def check_block_activation_bytes(impl, *, hidden: bool = False) -> None:
 
 def check_accumulate_gradients(impl, *, hidden: bool = False) -> None:
     """Accumulated gradients equal the full-batch gradient; every forward sees one micro-batch; one
-    micro-batch graph alive at a time; stale ``.grad`` values are cleared, not added to."""
+    micro-batch graph alive at a time; stale ``.grad`` values are cleared, not added to; with
+    ``ignore_index`` micro-batches are weighted by their counted tokens.
+
+    The ``ignore_index`` cases pass a keyword argument, which the sandbox's call protocol does not carry
+    yet: they run wherever the function is called in-process (the notebook's own test cell, the tests,
+    the mutation score) and are skipped for a :class:`~autograder.grading.RemoteFunction`."""
     c = Checker("accumulate_gradients", impl, hidden)
     g = torch.Generator().manual_seed(3 if hidden else 2)
     torch.manual_seed(3 if hidden else 2)
     mlp = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
     x, y = torch.randn(12, 5, generator=g), torch.randn(12, 3, generator=g)
     if not hidden:
-        cases = [("MLP, MSE loss, 12 examples in 4 micro-batches", mlp, F.mse_loss, x, y, 4, False)]
+        cases = [("MLP, MSE loss, 12 examples in 4 micro-batches", mlp, F.mse_loss, x, y, 4, False, None)]
     else:
         classes = torch.randint(0, 4, (12,), generator=g)
+        padded = classes.clone()
+        padded[[1, 2, 3, 7]] = -100           # micro-batches of 3 hold 1, 3, 2 and 3 counted tokens
+        empty_chunk = classes.clone()
+        empty_chunk[3:6] = -100               # the second of four micro-batches is all padding
         torch.manual_seed(5)
         clf = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 4))
-        cases = [("one micro-batch", mlp, F.mse_loss, x, y, 1, False),
-                 ("one example per micro-batch", mlp, F.mse_loss, x, y, 12, False),
-                 ("stale .grad from an earlier step must be cleared", mlp, F.mse_loss, x, y, 3, True),
-                 ("classifier, cross-entropy, 3 micro-batches", clf, F.cross_entropy, x, classes, 3, False),
-                 ("classifier, 6 micro-batches, stale .grad", clf, F.cross_entropy, x, classes, 6, True)]
-    for name, model, loss_fn, inputs, targets, n, stale in cases:
+        ce = functools.partial(F.cross_entropy, ignore_index=-100)
+        cases = [("one micro-batch", mlp, F.mse_loss, x, y, 1, False, None),
+                 ("one example per micro-batch", mlp, F.mse_loss, x, y, 12, False, None),
+                 ("stale .grad from an earlier step must be cleared", mlp, F.mse_loss, x, y, 3, True, None),
+                 ("classifier, cross-entropy, 3 micro-batches", clf, F.cross_entropy, x, classes, 3, False, None),
+                 ("classifier, 6 micro-batches, stale .grad", clf, F.cross_entropy, x, classes, 6, True, None)]
+        if not c.remote:
+            cases += [("ignore_index: micro-batches weighted by counted tokens", clf, ce, x, padded, 4, False, -100),
+                      ("ignore_index: a micro-batch of padding only", clf, ce, x, empty_chunk, 4, True, -100),
+                      ("ignore_index given, nothing ignored", clf, ce, x, classes, 6, False, -100)]
+    for name, model, loss_fn, inputs, targets, n, stale, ignore in cases:
         model.zero_grad(set_to_none=True)
         full = loss_fn(model(inputs), targets)
         full.backward()
@@ -172,14 +186,18 @@ def check_accumulate_gradients(impl, *, hidden: bool = False) -> None:
             for p in wrapped.parameters():
                 p.grad = torch.randn(p.shape, generator=gs)
         args = (wrapped, loss_fn, inputs, targets, n)
-        got = c.call(name, *args, mutates=(0,))
+        keywords = None if ignore is None else {"ignore_index": ignore}
+        got = c.call(name, *args, mutates=(0,), keywords=keywords)
         after = c.last_args[0]
         if not isinstance(got, (tuple, list)) or len(got) != 2:
             c.fail(name, f"must return a pair (loss, grads), got {type(got).__name__}", args)
         loss, grads = got
         sizes = after.forward_batch_sizes() if isinstance(after, LiveGraphCounter) else []
         micro = len(inputs) // n
-        if isinstance(after, LiveGraphCounter) and sizes != [micro] * n:
+        # a micro-batch with no counted token may be skipped (its mean loss is 0/0, its weight 0)
+        fewest = n if ignore is None else sum(bool((t != ignore).any()) for t in targets.chunk(n))
+        if isinstance(after, LiveGraphCounter) and not (all(s == micro for s in sizes)
+                                                        and fewest <= len(sizes) <= n):
             if any(s != micro for s in sizes):
                 first = next(s for s in sizes if s != micro)
                 problem = (f"the model was called on a batch of {first} examples; every forward must see "
@@ -217,6 +235,10 @@ def check_accumulate_gradients(impl, *, hidden: bool = False) -> None:
     if hidden:
         c.expect_raises("n_micro_batches does not divide the batch", ValueError, mlp, F.mse_loss, x, y, 5,
                         what="12 examples cannot be split into 5 equal micro-batches")
+        if not c.remote:
+            c.expect_raises("ignore_index: every target ignored", ValueError, LiveGraphCounter(clf), ce, x,
+                            torch.full((12,), -100), 3, what="the mean over zero counted tokens is undefined",
+                            keywords={"ignore_index": -100})
 
 
 # ---- allocator -----------------------------------------------------------------------------------
