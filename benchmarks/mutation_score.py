@@ -62,6 +62,10 @@ EQUIVALENT: dict[tuple[str, str, str, int | None], str] = {
     ("llm_int8_matmul", "delete Assign", "x, weight = x.float(), weight.float()", None):
         "choose_qparams and the fp16 casts convert to float32 anyway and the result is float32; only a "
         "float64 quotient x / scale exactly at a rounding tie could round differently",
+    ("replay_on_segment", "0->1", "op must start with 'malloc' or 'free', got {op[0]!r}", None):
+        "changes only the text of the error message",
+    ("replay_on_segment", "1->0", "free of {op[1]!r}, which is not allocated", None):
+        "changes only the text of the error message",
     ("zero1_adam_step", "Sub->Add", "pad = shard * n_ranks - n", None):
         "more zero padding: every rank still slices its shard at r * shard and the result is cut to n",
     # ex04/ex06 (helper checks2)
