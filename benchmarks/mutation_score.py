@@ -68,6 +68,10 @@ EQUIVALENT: dict[tuple[str, str, str, int | None], str] = {
         "changes only the text of the error message",
     ("zero1_adam_step", "Sub->Add", "pad = shard * n_ranks - n", None):
         "more zero padding: every rank still slices its shard at r * shard and the result is cut to n",
+    ("quantize", "Gt->GtE", "return qmax if ratio > 0 else qmin", None):
+        "ratio is +inf or -inf here, never 0",
+    ("quantize", "0->1", "return qmax if ratio > 0 else qmin", None):
+        "ratio is +inf or -inf here: > 1 and > 0 agree",
     # ex04/ex06 (helper checks2)
     ("compress_2to4", "drop USub", "pad = (-pos.shape[1]) % 4", None):
         "pos.shape[1] = cols / 2 is even, so it is 0 or 2 mod 4, where x % 4 == (-x) % 4",

@@ -59,6 +59,8 @@ def check_quantize(impl, *, hidden: bool = False) -> None:
             ("large value, 16-bit range", (1234.567, 0.01, 0, -32768, 32767)),
             ("one-value range qmin == qmax", (0.3, 0.1, 0, 5, 5)),
             ("tiny scale", (1e-3, 1e-6, 0)),
+            ("value / scale overflows to +inf: saturates at qmax", (1e300, 1e-300, 0)),
+            ("value / scale overflows to -inf: saturates at qmin", (-1e300, 1e-300, 3, 0, 255)),
         ]
     for name, args in cases:
         value, scale, zero_point = args[:3]
