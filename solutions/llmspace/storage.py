@@ -123,7 +123,7 @@ def _parse_header_json(raw: bytes):
         return out
 
     def parse_int(text):   # serde: u64/i64 when it fits, else f64; "-0" is a float
-        return float(text) if text == "-0" or len(text.lstrip("-")) > 20 else int(text)
+        return parse_float(text) if text == "-0" or len(text.lstrip("-")) > 20 else int(text)
 
     def parse_float(text):
         value = float(text)
@@ -372,12 +372,27 @@ def _write(path: Path, tensors: dict, metadata: dict | None, fsync: bool) -> Non
             os.fsync(f.fileno())
 
 
+def _refuse_shared(tensors: dict) -> None:
+    """As ``safetensors.torch.save_file``: tensors that share memory would be written twice and come
+    back as two independent tensors; refuse them (:func:`save_sharded` deduplicates them instead)."""
+    groups = _shared_names({n: t for n, t in tensors.items() if isinstance(t, torch.Tensor)},
+                           refuse_partial=False)
+    if groups:
+        raise ValueError(f"tensors share memory: {[[k, *v] for k, v in groups.items()]}; they would be "
+                         f"written twice and load untied. Save one name per storage (save_sharded drops "
+                         f"the duplicates as huggingface_hub does), or .clone() them")
+
+
 def save_file(tensors: dict, path, metadata: dict | None = None) -> None:
     """Write ``tensors`` (name → CPU or CUDA tensor) to ``path`` in the safetensors format.
 
-    Same bytes as ``safetensors.torch.save_file``. Not crash-safe: a crash mid-write leaves a partial
-    file at ``path`` — use :func:`save_checkpoint` for checkpoints you cannot afford to lose.
+    Same bytes as ``safetensors.torch.save_file``, and like it, refuses tensors that share memory
+    (tied weights: ValueError; use :func:`save_sharded`, which deduplicates them). Not crash-safe: a
+    crash mid-write leaves a partial file at ``path`` — use :func:`save_checkpoint` for checkpoints
+    you cannot afford to lose.
     """
+    _check_tensors(tensors)
+    _refuse_shared(tensors)
     _write(Path(path), tensors, metadata, fsync=False)
 
 
@@ -577,7 +592,7 @@ def shard_state_dict(state_dict: dict, max_shard_bytes: int,
     ### END SOLUTION
 
 
-def _shared_names(state_dict: dict) -> dict[str, list[str]]:
+def _shared_names(state_dict: dict, refuse_partial: bool = True) -> dict[str, list[str]]:
     """Tied weights, by ``huggingface_hub``'s rule (``_remove_duplicate_names``, which transformers
     and ``safetensors.torch.save_model`` share): names whose tensors overlap in one storage form a
     group; the alphabetically first name whose tensor covers the whole storage is kept, the others
@@ -609,6 +624,9 @@ def _shared_names(state_dict: dict) -> dict[str, list[str]]:
                 continue
             complete = sorted(n for n in cluster if state_dict[n].data_ptr() == base
                               and tensor_bytes(state_dict[n]) == size)
+            if not complete and not refuse_partial:
+                groups[min(cluster)] = sorted(cluster)[1:]
+                continue
             if not complete:
                 raise ValueError(f"tensors {sorted(cluster)} share one storage but none of them covers "
                                  f"it: .clone() them before saving")
@@ -686,6 +704,7 @@ def save_checkpoint(tensors: dict, path, metadata: dict | None = None) -> str:
     :func:`load_checkpoint` detects a flipped bit anywhere. The file is still a plain safetensors file
     that any reader loads. Returns the hex digest."""
     _check_tensors(tensors)
+    _refuse_shared(tensors)
     metadata = dict(metadata or {})
     metadata[CHECKSUM_KEY] = _ZERO_DIGEST
     head, order = serialize(tensors, metadata)
@@ -922,15 +941,18 @@ def _checkpoint_plan(path, check_headers: bool = True) -> list[tuple[Path, list[
         plan.setdefault(directory / name, []).append(tensor)
     if not check_headers:
         return list(plan.items())
-    save_id, found_in = metadata.get(SAVE_ID_KEY), {}
-    for file, listed in plan.items():
+    save_id, found_in, headers = metadata.get(SAVE_ID_KEY), {}, {}
+    for file in plan:
         mm, tensors, file_meta, _ = _open_mapped(file)
         mm.close()
+        headers[file] = tensors, file_meta
         for tensor in tensors:
             if tensor in found_in:
                 raise ValueError(f"tensor {tensor!r} is in two shards, {found_in[tensor].name} and "
                                  f"{file.name}: which one is the checkpoint's is ambiguous")
             found_in[tensor] = file
+    for file, listed in plan.items():
+        tensors, file_meta = headers[file]
         if set(tensors) != set(listed):
             raise ValueError(f"{file.name}: holds {sorted(set(tensors) - set(listed))} not in the index "
                              f"and lacks {sorted(set(listed) - set(tensors))} that the index puts there")
