@@ -266,6 +266,15 @@ def parse_safetensors_header(buf) -> tuple[dict, dict, int]:
     ### END SOLUTION
 
 
+def _torch_shape(shape: list, name: str) -> list:
+    """A header's shape, or ValueError when torch (64-bit signed sizes) cannot hold it: the format
+    allows dimensions up to 2**64 - 1 on a tensor with a zero elsewhere."""
+    if any(d >= 1 << 63 for d in shape):
+        raise ValueError(f"tensor {name!r}: shape {shape} has a dimension of 2**63 or more, which a "
+                         f"torch tensor cannot have (even with zero elements)")
+    return shape
+
+
 def _torch_dtype(dtype: str, name: str) -> torch.dtype:
     """The torch dtype of a header's dtype name; ValueError for a valid name that torch cannot hold."""
     if dtype not in DTYPES:
@@ -300,9 +309,9 @@ def read_tensor(buf, name: str) -> torch.Tensor:
         raise KeyError(f"no tensor named {name!r} in this file; it has {sorted(tensors)}")
     info = tensors[name]
     begin, end = info["data_offsets"]
-    dtype = _torch_dtype(info["dtype"], name)
+    dtype, shape = _torch_dtype(info["dtype"], name), _torch_shape(info["shape"], name)
     if begin == end:  # torch.frombuffer rejects an empty buffer
-        return torch.empty(info["shape"], dtype=dtype)
+        return torch.empty(shape, dtype=dtype)
     # bytearray: a writable copy (frombuffer on read-only bytes warns, and would alias buf)
     raw = bytearray(buf[data_start + begin:data_start + end])
     return torch.frombuffer(raw, dtype=dtype).reshape(info["shape"])
@@ -437,7 +446,7 @@ def load_file(path, device: str = "cpu", copy: bool = False) -> dict[str, torch.
     with open(path, "rb", buffering=0) as f:
         _sequential(f)
         for name, info in sorted(tensors.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            t = torch.empty(info["shape"], dtype=_torch_dtype(info["dtype"], name))
+            t = torch.empty(_torch_shape(info["shape"], name), dtype=_torch_dtype(info["dtype"], name))
             _readinto(f, data_start + info["data_offsets"][0], t)
             out[name] = t.to(device) if device != "cpu" else t
     return out
@@ -497,6 +506,7 @@ class SafetensorsFile:
             raise KeyError(f"no tensor named {name!r} in {self.path}")
         info = self._tensors[name]
         dtype = _torch_dtype(info["dtype"], name)
+        _torch_shape(info["shape"], name)
         begin, end = (self._data_start + o for o in info["data_offsets"])
         if begin == end:
             return torch.empty(info["shape"], dtype=dtype)
@@ -1029,6 +1039,7 @@ def load_into_model(model: torch.nn.Module, path, strict: bool = True) -> dict:
                     unexpected.append(name)
                     continue
                 target, dtype = targets[name].data, _torch_dtype(info["dtype"], name)
+                _torch_shape(info["shape"], name)
                 if list(target.shape) != info["shape"]:
                     raise ValueError(f"{name}: checkpoint shape {info['shape']} does not match the "
                                      f"model's {list(target.shape)}")

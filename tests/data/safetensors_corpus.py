@@ -25,6 +25,7 @@ CORPUS = [
     ("shape [2**64, 0]", '{"t":{"dtype":"U8","shape":[18446744073709551616,0],"data_offsets":[0,0]}}', b""),
     ("shape [2**64-1, 0]", '{"t":{"dtype":"U8","shape":[18446744073709551615,0],"data_offsets":[0,0]}}', b""),
     ("shape overflow midway", '{"t":{"dtype":"U8","shape":[9223372036854775808,2,0],"data_offsets":[0,0]}}', b""),
+    ("dimension 2**63 beside a zero", '{"t":{"dtype":"BF16","shape":[0,9223372036854775808],"data_offsets":[0,0]}}', b""),
     ("shape zero first", '{"t":{"dtype":"U8","shape":[0,9223372036854775808,2],"data_offsets":[0,0]}}', b""),
     ("bits overflow", '{"t":{"dtype":"F32","shape":[4611686018427387904],"data_offsets":[0,0]}}', b""),
     ("U8 2**61 elements", '{"t":{"dtype":"U8","shape":[2305843009213693952],"data_offsets":[0,0]}}', b""),
