@@ -564,18 +564,18 @@ def test_simulate_lru_matches_functools_lru_cache(capacity_layers, pattern):
     for i in accesses:
         cached(i)
     info = cached.cache_info()
-    got = S.simulate_lru(accesses, [1000] * 10, capacity_layers * 1000)
+    got = T.simulate_lru(accesses, [1000] * 10, capacity_layers * 1000)
     assert (got["hits"], got["misses"]) == (info.hits, info.misses)
     assert got["bytes_loaded"] == 1000 * info.misses
 
 
 def test_simulate_lru_mixed_sizes():
     """Hand-traced: capacity 10 bytes; a 12-byte layer is streamed past the cache without evicting."""
-    got = S.simulate_lru([0, 1, 2, 0, 3, 1], {0: 4, 1: 4, 2: 4, 3: 12}, 10)
+    got = T.simulate_lru([0, 1, 2, 0, 3, 1], {0: 4, 1: 4, 2: 4, 3: 12}, 10)
     # 0 miss; 1 miss; 2 miss evicts 0; 0 miss evicts 1; 3 too big; 1 miss evicts 2
     assert got == {"hits": 0, "misses": 6, "bytes_loaded": 32, "evictions": 3}
     with pytest.raises(ValueError, match="non-negative"):
-        S.simulate_lru([0], [1], -1)
+        T.simulate_lru([0], [1], -1)
 
 
 @pytest.fixture()
@@ -607,7 +607,7 @@ def test_tiered_cache_cyclic_scan_lru_thrashes_and_prefetch_hides_it(layered_che
     plain = T.TieredLayerCache(path, 6, device_bytes=3 * lb, host_bytes=4 * lb, prefetch=False)
     for i in scan:
         plain.get(i)
-    expected = S.simulate_lru(scan, [lb] * 6, 3 * lb)
+    expected = T.simulate_lru(scan, [lb] * 6, 3 * lb)
     assert plain.stats["device"] == expected["hits"] == 0 and plain.hit_rate() == 0
     assert plain.stats["bytes"]["host->device"] == expected["bytes_loaded"]
     # host tier: LRU of 4 on the same cyclic scan also misses every time -> disk each time
