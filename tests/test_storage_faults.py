@@ -600,3 +600,19 @@ def test_prefetch_overlaps_compute(tmp_path):
 
 def test_simulate_lru_lives_in_tiered_and_storage_reexports_it():
     assert S.simulate_lru is T.simulate_lru and "simulate_lru" in T.__all__
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: pinned host tier, side-stream prefetch")
+def test_tiered_cache_cuda_prefetch_serves_correct_weights(tmp_path):
+    """Reference: the file's tensors. Three cyclic scans on the GPU with pinned host memory and the
+    side-stream prefetch: every layer equals the file's, and every access after the first is a
+    prefetched hit."""
+    path, sd = layered_file(tmp_path, [1 << 16] * 6)
+    cache = T.TieredLayerCache(path, 6, device_bytes=3 * (1 << 18), host_bytes=6 * (1 << 18),
+                               device="cuda", pin_host=True)
+    for i in list(range(6)) * 3:
+        layer = cache.get(i)
+        out = layer[f"layers.{i}.weight"] * 1.0          # compute on the current stream
+        assert out.device.type == "cuda" and torch.equal(out.cpu(), sd[f"layers.{i}.weight"])
+    cache.close()
+    assert cache.stats["prefetched"] == 17
