@@ -56,22 +56,24 @@ def _used_globals(node: ast.FunctionDef) -> set[str]:
 
 def setup_source(assignment: Assignment) -> str:
     """Import lines for every module-level name the task functions use but do not define."""
-    module = importlib.import_module(assignment.module)
     task_names = {t.function for t in assignment.tasks}
-    names: set[str] = set()
+    names: dict[str, str] = {}   # global name -> the module of the first task that uses it
     for task in assignment.tasks:
-        names |= _used_globals(function_source(module, task.function)[1])
+        home_module = task.module or assignment.module
+        for name in _used_globals(function_source(importlib.import_module(home_module), task.function)[1]):
+            names.setdefault(name, home_module)
     modules, from_imports = set(), {}
-    for name in sorted(names - task_names):
+    for name in sorted(set(names) - task_names):
+        module = importlib.import_module(names[name])
         if hasattr(builtins, name) or not hasattr(module, name):
             continue  # builtins, locals and parameters
         obj = getattr(module, name)
         if isinstance(obj, types.ModuleType):
             modules.add(f"import {obj.__name__}" + ("" if obj.__name__ == name else f" as {name}"))
         else:
-            home = getattr(obj, "__module__", None) or assignment.module
+            home = getattr(obj, "__module__", None) or names[name]
             if not hasattr(obj, "__module__") or isinstance(obj, (int, float, str, tuple, frozenset)):
-                home = assignment.module   # constants: take them from the reference module
+                home = names[name]   # constants: take them from the reference module
             from_imports.setdefault(home, []).append(name)
     lines = sorted(modules) + [f"from {home} import {', '.join(sorted(ns))}"
                                for home, ns in sorted(from_imports.items())]
@@ -121,7 +123,8 @@ def build_notebook(assignment: Assignment) -> nbformat.NotebookNode:
             if not hasattr(checks, f"check_{item.function}"):
                 raise ValueError(f"autograder.checks.{assignment.topic} has no check_{item.function}")
             gid = assignment.grade_id(item.function)
-            source, _ = function_source(module, item.function)
+            source, _ = function_source(importlib.import_module(item.module) if item.module else module,
+                                        item.function)
             sol = {"nbgrader": {"grade": False, "grade_id": f"{gid}_solution", "locked": False,
                                 "schema_version": 3, "solution": True, "task": False}}
             cells.append(nbformat.v4.new_code_cell(source, id=f"{gid}-solution".replace("_", "-"), metadata=sol))

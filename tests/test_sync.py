@@ -29,9 +29,9 @@ def test_interview_index_is_fresh():
 def test_solution_cells_are_the_library_functions_verbatim(assignment):
     nb = nbformat.read(sync.notebook_path(assignment), as_version=4)
     solutions = [c for c in nb.cells if c.metadata.get("nbgrader", {}).get("solution")]
-    module = __import__(assignment.module, fromlist=["_"])
     assert len(solutions) == len(assignment.tasks)
     for cell, task in zip(solutions, assignment.tasks):
+        module = __import__(task.module or assignment.module, fromlist=["_"])
         source, _ = sync.function_source(module, task.function)
         assert cell.source == source
         assert cell.source.rstrip().endswith(sync.END)  # trailing marker comment was kept

@@ -22,6 +22,7 @@ class Markdown:
 class Task:
     function: str          # name of a function in the assignment's module
     points: int
+    module: str | None = None   # the function's module when it is not the assignment's
 
 
 @dataclass(frozen=True)

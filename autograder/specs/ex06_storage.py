@@ -20,7 +20,10 @@ cases, bad input). Check your work before submitting with
 
     python -m autograder check ex06_storage.ipynb
 
-`DTYPES` (the safetensors dtype names → `torch.dtype`) and `MAX_HEADER_BYTES` are given (imported below).
+Given (imported below): `DTYPE_BITS` (every safetensors dtype name → bits per element, FP8 and the
+sub-byte FP4/FP6 included), `MAX_HEADER_BYTES`, and two helpers — `_parse_header_json`, which decodes
+the header by the reference parser's JSON rules (no `NaN`, no lone surrogates, no 128-deep nesting, no
+duplicate keys: Python's `json.loads` accepts all four), and `_torch_dtype`, the torch dtype of a name.
 The reference every check compares with is the `safetensors` library itself.
 """),
         Markdown("""\
@@ -30,8 +33,10 @@ A safetensors file is `N` (8 bytes, unsigned, **little-endian**), then `N` bytes
 data. Parse it, and **trust nothing**: a file from the internet may lie about every number. Check the
 header length against the file size *before* slicing (a 4 GB length must cost nothing), then every
 tensor's dtype, shape, byte count and bounds, and finally that the byte ranges tile the data section
-exactly — sort them by `(begin, end)` and walk through them. Raise `ValueError` (or a subclass) with a
-message that names the problem. `int.from_bytes`, `json.loads` and `math.prod` are all you need.
+exactly — sort them by `(begin, end)` and walk through them. Sizes are 64-bit in the reference: a shape
+like `[2**64, 0]` has zero elements but is still invalid, and the element count must not pass 2**64 on
+the way. Raise `ValueError` (or a subclass) with a message that names the problem. `int.from_bytes` and
+`_parse_header_json` are all you need.
 """),
         Task("parse_safetensors_header", points=4),
         Markdown("""\
@@ -61,6 +66,6 @@ and evictions. `collections.OrderedDict` (`move_to_end`, `popitem(last=False)`) 
 Then look at the numbers for a cyclic scan (`[0, 1, 2] * 3` with room for two layers): that is what
 every forward pass does, and it is why offloading relies on prefetching rather than on the cache.
 """),
-        Task("simulate_lru", points=2),
+        Task("simulate_lru", points=2, module="llmspace.tiered"),
     ],
 )

@@ -20,47 +20,77 @@ disk once, and the mapped pages count in the process's resident memory until the
 Sharding (:func:`shard_state_dict`) bounds the size of any one file (resumable downloads, parallel
 reads) at the price of an index file. Compression (:func:`compress_tensor`) saves little on trained
 float weights — their mantissa bytes are close to random — and costs CPU time on every load.
-Crash safety (:func:`save_checkpoint`) costs one ``fsync`` and a checksum pass over the data.
+Crash safety (:func:`save_checkpoint`) costs one ``fsync`` and a checksum pass over the file; a sharded
+checkpoint needs a commit protocol on top (:func:`save_sharded` with ``checkpoint=True``: new shard names
+per save, one atomic index rename as the commit, old shards deleted after it).
 
-Everything here is tested against the ``safetensors`` library (byte-identical files both ways),
-``huggingface_hub``'s shard splitter and ``functools.lru_cache``.
+Everything here is tested against the ``safetensors`` library (byte-identical files both ways, every
+dtype it reads, and a differential fuzz of the header parser) and ``huggingface_hub``'s
+``save_torch_state_dict`` and shard splitter (tied weights included). The LRU replay of the exercise lives
+in :mod:`llmspace.tiered` (``simulate_lru``; importing it from here still works).
 """
 from __future__ import annotations
 
+import fcntl
+import glob
 import hashlib
 import json
 import math
 import mmap
 import os
+import re
+import threading
 import time
-from collections import OrderedDict
+import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 
 __all__ = [
-    "DTYPES", "DTYPE_NAMES", "MAX_HEADER_BYTES", "CHECKSUM_KEY",
+    "DTYPES", "DTYPE_NAMES", "DTYPE_BITS", "MAX_HEADER_BYTES", "MAX_JSON_DEPTH", "CHECKSUM_KEY",
+    "SAVE_ID_KEY", "SHARD_HASHES_KEY",
     "parse_safetensors_header", "read_tensor", "serialize", "save_file", "load_file",
     "SafetensorsFile", "shard_state_dict", "save_sharded", "load_sharded", "load_into_model",
     "save_checkpoint", "load_checkpoint", "verify_checksum", "CorruptCheckpointError",
     "byte_planes", "compress_tensor", "decompress_tensor", "measure_compression",
-    "simulate_lru", "peak_rss_bytes", "tensor_bytes",
+    "peak_rss_bytes", "tensor_bytes",
 ]
 
-# The safetensors dtype names this module reads and writes, and their torch dtypes.
+# The safetensors dtype names this module reads and writes, and their torch dtypes: every dtype that
+# safetensors 0.8 loads into torch (``safetensors.torch._TYPES``), plus F8_E8M0 (the exponent-only
+# scale format of MX block formats), which ``safetensors.torch`` writes but cannot read back.
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
+    "BOOL": torch.bool, "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "F8_E8M0": torch.float8_e8m0fnu,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-# The reference writer lays tensors out by dtype in this order (widest first), then by name: every
-# tensor then starts at a multiple of its element size, because the header is padded to 8 bytes.
-_WRITE_ORDER = ["I64", "F64", "F32", "I32", "BF16", "F16", "I16", "I8", "U8", "BOOL"]
+# Bits per element of every dtype the format (safetensors 0.8's Rust parser) accepts. F4 (FP4 E2M1) and
+# the two FP6 formats are sub-byte: the header is valid when ``prod(shape) * bits`` is a whole number of
+# bytes; torch has no tensor type holding one FP4/FP6 value per element, so they parse but do not load
+# (``safetensors.torch`` cannot load them either).
+DTYPE_BITS = {name: dtype.itemsize * 8 for name, dtype in DTYPES.items()}
+DTYPE_BITS.update({"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6})
+# The reference writer lays tensors out by dtype (its Rust enum's order, reversed: widest first), then by
+# name: every tensor then starts at a multiple of its element size, because the header is padded to 8.
+_WRITE_ORDER = ["U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
+                "F8_E5M2FNUZ", "F8_E4M3FNUZ", "F8_E8M0", "F8_E4M3", "F8_E5M2", "I8", "U8",
+                "F6_E3M2", "F6_E2M3", "F4", "BOOL"]
 # The reference implementation refuses headers above 100 MB; real ones are a few MB at most.
 MAX_HEADER_BYTES = 100_000_000
-CHECKSUM_KEY = "llmspace.sha256"   # __metadata__ key holding the SHA-256 of the data section
+# serde_json, the reference's JSON parser, refuses a document nested 128 levels deep (arrays + objects).
+MAX_JSON_DEPTH = 127
+_U64_LIMIT = 1 << 64   # sizes and offsets are Rust ``usize``: 64-bit, computed with overflow checks
+# __metadata__ key holding the SHA-256 of the whole file (header included, this field's 64 hex digits
+# counted as zeros): a flipped bit anywhere, a renamed tensor or edited metadata fails verification.
+CHECKSUM_KEY = "llmspace.file_sha256"
+SAVE_ID_KEY = "llmspace.save_id"        # shards and index of one sharded checkpoint save share it
+SHARD_HASHES_KEY = "llmspace.shard_sha256"   # index metadata: shard file name -> its checksum
 
 
 class CorruptCheckpointError(ValueError):
@@ -75,6 +105,63 @@ def tensor_bytes(t: torch.Tensor) -> int:
 # --------------------------------------------------------------------------------------------------
 # The format: header parsing (exercise task 1), reading one tensor (task 2), writing
 # --------------------------------------------------------------------------------------------------
+
+def _parse_header_json(raw: bytes):
+    """Decode a header's JSON by the rules of serde_json, the reference's parser, or raise ValueError.
+
+    Python's ``json`` is laxer in five ways, each a way for two parsers to disagree about one file:
+    it accepts ``NaN``/``Infinity`` literals and numbers beyond float range (refused here); it reads
+    ``-0`` and integers of more than 20 digits as integers, where serde reads floats, which no size
+    field accepts (so they become floats here); it accepts lone UTF-16 surrogate escapes such as
+    ``"\\ud800"`` (refused); it nests until ``RecursionError`` (refused at :data:`MAX_JSON_DEPTH` + 1
+    levels, serde's limit); and it keeps the last of duplicate keys. A duplicate key is refused here at
+    any level — *stricter* than the reference, which keeps the last tensor of a duplicated name:
+    a name that means two things is how two readers of one file end up loading different weights.
+    """
+    def no_duplicates(pairs):
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            seen = set()
+            dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise ValueError(f"duplicate key in header: {dup!r}")
+        return out
+
+    def parse_int(text):   # serde: u64/i64 when it fits, else f64; "-0" is a float
+        return parse_float(text) if text == "-0" or len(text.lstrip("-")) > 20 else int(text)
+
+    def parse_float(text):
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"number {text[:40]!r} is out of range")
+        return value
+
+    def no_constants(text):
+        raise ValueError(f"{text} is not valid JSON")
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates, parse_int=parse_int,
+                            parse_float=parse_float, parse_constant=no_constants)
+    except RecursionError:
+        raise ValueError(f"header JSON is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"header is not valid UTF-8 JSON: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"header is not valid JSON: {exc}") from None
+    stack = [(header, 1)]   # iterative walk: depth and strings, no recursion on hostile input
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"header holds a lone UTF-16 surrogate escape in {value[:40]!r}") from None
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"header JSON is nested more than {MAX_JSON_DEPTH} levels deep")
+            items = [*value, *value.values()] if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+    return header
+
 
 def parse_safetensors_header(buf) -> tuple[dict, dict, int]:
     """Parse and validate the header of a safetensors file held in ``buf``.
@@ -120,17 +207,7 @@ def parse_safetensors_header(buf) -> tuple[dict, dict, int]:
     if 8 + n > size:
         raise ValueError(f"header length {n} bytes is larger than the file: only {size - 8} bytes "
                          f"follow the length field")
-
-    def no_duplicates(pairs):
-        keys = [k for k, _ in pairs]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"duplicate key in header: {sorted(k for k in keys if keys.count(k) > 1)[0]!r}")
-        return dict(pairs)
-
-    try:
-        header = json.loads(bytes(buf[8:8 + n]).decode("utf-8"), object_pairs_hook=no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"header is not valid UTF-8 JSON: {exc}") from None
+    header = _parse_header_json(bytes(buf[8:8 + n]))  # strict JSON, the reference parser's rules
     if not isinstance(header, dict):
         raise ValueError(f"header must be a JSON object, got {type(header).__name__}")
     metadata = header.pop("__metadata__", None)
@@ -139,25 +216,35 @@ def parse_safetensors_header(buf) -> tuple[dict, dict, int]:
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise ValueError("__metadata__ must be an object mapping strings to strings")
 
+    def is_size(x):  # a JSON integer that fits the reference's 64-bit size type
+        return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < _U64_LIMIT
+
     data_size = size - 8 - n
     for name, info in header.items():
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
             raise ValueError(f"tensor {name!r}: expected an object with dtype, shape and "
                              f"data_offsets, got {info!r}")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
             raise ValueError(f"tensor {name!r}: unknown dtype {dtype!r}, expected one of "
-                             f"{sorted(DTYPES)}")
-        if not isinstance(shape, list) or not all(
-                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise ValueError(f"tensor {name!r}: shape must be a list of non-negative integers, "
-                             f"got {shape!r}")
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(
-                isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
+                             f"{sorted(DTYPE_BITS)}")
+        if not isinstance(shape, list) or not all(is_size(d) for d in shape):
+            raise ValueError(f"tensor {name!r}: shape must be a list of non-negative integers "
+                             f"below 2**64, got {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(is_size(o) for o in offsets)
+                or not offsets[0] <= offsets[1]):
             raise ValueError(f"tensor {name!r}: data_offsets must be [begin, end] with "
-                             f"0 <= begin <= end, got {offsets!r}")
-        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+                             f"0 <= begin <= end < 2**64, got {offsets!r}")
+        count = 1
+        for d in shape:  # in header order, refusing a 64-bit overflow midway, as the reference does
+            count *= d
+            if count >= _U64_LIMIT:
+                raise ValueError(f"tensor {name!r}: shape {shape} overflows 64 bits")
+        bits = count * DTYPE_BITS[dtype]
+        if bits >= _U64_LIMIT or bits % 8:
+            raise ValueError(f"tensor {name!r}: shape {shape} of {dtype} is {bits} bits, not a whole "
+                             f"number of bytes below 2**64")
+        nbytes = bits // 8
         if offsets[1] - offsets[0] != nbytes:
             raise ValueError(f"tensor {name!r}: shape {shape} of {dtype} needs {nbytes} bytes, but "
                              f"data_offsets {offsets} span {offsets[1] - offsets[0]}")
@@ -181,6 +268,24 @@ def parse_safetensors_header(buf) -> tuple[dict, dict, int]:
                          f"{position}: {data_size - position} trailing bytes")
     return header, metadata, 8 + n
     ### END SOLUTION
+
+
+def _torch_shape(shape: list, name: str) -> list:
+    """A header's shape, or ValueError when torch (64-bit signed sizes) cannot hold it: the format
+    allows dimensions up to 2**64 - 1 on a tensor with a zero elsewhere."""
+    if any(d >= 1 << 63 for d in shape):
+        raise ValueError(f"tensor {name!r}: shape {shape} has a dimension of 2**63 or more, which a "
+                         f"torch tensor cannot have (even with zero elements)")
+    return shape
+
+
+def _torch_dtype(dtype: str, name: str) -> torch.dtype:
+    """The torch dtype of a header's dtype name; ValueError for a valid name that torch cannot hold."""
+    if dtype not in DTYPES:
+        raise ValueError(f"tensor {name!r}: dtype {dtype} is valid safetensors, but torch has no "
+                         f"one-element-per-value type for it (sub-byte FP4/FP6); "
+                         f"loadable: {sorted(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def read_tensor(buf, name: str) -> torch.Tensor:
@@ -208,9 +313,9 @@ def read_tensor(buf, name: str) -> torch.Tensor:
         raise KeyError(f"no tensor named {name!r} in this file; it has {sorted(tensors)}")
     info = tensors[name]
     begin, end = info["data_offsets"]
-    dtype = DTYPES[info["dtype"]]
+    dtype, shape = _torch_dtype(info["dtype"], name), _torch_shape(info["shape"], name)
     if begin == end:  # torch.frombuffer rejects an empty buffer
-        return torch.empty(info["shape"], dtype=dtype)
+        return torch.empty(shape, dtype=dtype)
     # bytearray: a writable copy (frombuffer on read-only bytes warns, and would alias buf)
     raw = bytearray(buf[data_start + begin:data_start + end])
     return torch.frombuffer(raw, dtype=dtype).reshape(info["shape"])
@@ -228,8 +333,10 @@ def _check_tensors(tensors) -> None:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"tensors[{name!r}] must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in DTYPE_NAMES:
-            raise ValueError(f"tensors[{name!r}] has dtype {t.dtype}; supported: "
-                             f"{sorted(str(d) for d in DTYPE_NAMES)}")
+            raise ValueError(f"tensors[{name!r}] has dtype {t.dtype}, which has no safetensors name "
+                             f"here; supported: {sorted(str(d) for d in DTYPE_NAMES)}")
+        if t.device.type == "meta":
+            raise ValueError(f"tensors[{name!r}] is on the meta device: it has no data to write")
         if t.layout != torch.strided:
             raise ValueError(f"tensors[{name!r}] must be dense (strided), got layout {t.layout}")
 
@@ -267,13 +374,6 @@ def serialize(tensors: dict, metadata: dict | None = None) -> tuple[bytes, list[
     return len(text).to_bytes(8, "little") + text, order
 
 
-def _data_sha256(order) -> str:
-    digest = hashlib.sha256()
-    for _, t in order:
-        digest.update(_raw_bytes(t))
-    return digest.hexdigest()
-
-
 def _write(path: Path, tensors: dict, metadata: dict | None, fsync: bool) -> None:
     head, order = serialize(tensors, metadata)
     with open(path, "wb") as f:
@@ -285,12 +385,27 @@ def _write(path: Path, tensors: dict, metadata: dict | None, fsync: bool) -> Non
             os.fsync(f.fileno())
 
 
+def _refuse_shared(tensors: dict) -> None:
+    """As ``safetensors.torch.save_file``: tensors that share memory would be written twice and come
+    back as two independent tensors; refuse them (:func:`save_sharded` deduplicates them instead)."""
+    groups = _shared_names({n: t for n, t in tensors.items() if isinstance(t, torch.Tensor)},
+                           refuse_partial=False)
+    if groups:
+        raise ValueError(f"tensors share memory: {[[k, *v] for k, v in groups.items()]}; they would be "
+                         f"written twice and load untied. Save one name per storage (save_sharded drops "
+                         f"the duplicates as huggingface_hub does), or .clone() them")
+
+
 def save_file(tensors: dict, path, metadata: dict | None = None) -> None:
     """Write ``tensors`` (name → CPU or CUDA tensor) to ``path`` in the safetensors format.
 
-    Same bytes as ``safetensors.torch.save_file``. Not crash-safe: a crash mid-write leaves a partial
-    file at ``path`` — use :func:`save_checkpoint` for checkpoints you cannot afford to lose.
+    Same bytes as ``safetensors.torch.save_file``, and like it, refuses tensors that share memory
+    (tied weights: ValueError; use :func:`save_sharded`, which deduplicates them). Not crash-safe: a
+    crash mid-write leaves a partial file at ``path`` — use :func:`save_checkpoint` for checkpoints
+    you cannot afford to lose.
     """
+    _check_tensors(tensors)
+    _refuse_shared(tensors)
     _write(Path(path), tensors, metadata, fsync=False)
 
 
@@ -309,6 +424,9 @@ def _open_mapped(path) -> tuple[mmap.mmap, dict, dict, int]:
     except ValueError as exc:
         mm.close()
         raise ValueError(f"{path}: {exc}") from None
+    except BaseException:   # whatever escapes the parser, the mapping must not leak
+        mm.close()
+        raise
     return mm, tensors, metadata, data_start
 
 
@@ -332,7 +450,7 @@ def load_file(path, device: str = "cpu", copy: bool = False) -> dict[str, torch.
     with open(path, "rb", buffering=0) as f:
         _sequential(f)
         for name, info in sorted(tensors.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            t = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+            t = torch.empty(_torch_shape(info["shape"], name), dtype=_torch_dtype(info["dtype"], name))
             _readinto(f, data_start + info["data_offsets"][0], t)
             out[name] = t.to(device) if device != "cpu" else t
     return out
@@ -391,7 +509,8 @@ class SafetensorsFile:
         if name not in self._tensors:
             raise KeyError(f"no tensor named {name!r} in {self.path}")
         info = self._tensors[name]
-        dtype = DTYPES[info["dtype"]]
+        dtype = _torch_dtype(info["dtype"], name)
+        _torch_shape(info["shape"], name)
         begin, end = (self._data_start + o for o in info["data_offsets"])
         if begin == end:
             return torch.empty(info["shape"], dtype=dtype)
@@ -456,17 +575,27 @@ def shard_state_dict(state_dict: dict, max_shard_bytes: int,
             raise TypeError(f"state_dict[{name!r}] must be a torch.Tensor, got {type(t).__name__}")
     ### BEGIN SOLUTION
     shards, current, current_bytes, total = [], {}, 0, 0
+    shard_of_storage = {}  # tied weights: a tensor sharing an earlier one's storage joins its shard
     for name, t in state_dict.items():
+        storage = None if t.device.type == "meta" else (
+            t.device, t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if storage in shard_of_storage:   # counted once, stored next to its twin (huggingface_hub)
+            shard_of_storage[storage][name] = t
+            continue
         nbytes = t.numel() * t.element_size()
         total += nbytes
         if nbytes > max_shard_bytes:   # too big for any shard: it travels alone
-            shards.append({name: t})
-            continue
-        if current and current_bytes + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, current_bytes = {}, 0
-        current[name] = t
-        current_bytes += nbytes
+            shard = {name: t}
+            shards.append(shard)
+        else:
+            if current and current_bytes + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, current_bytes = {}, 0
+            current[name] = t
+            current_bytes += nbytes
+            shard = current
+        if storage is not None:
+            shard_of_storage[storage] = shard
     if current:
         shards.append(current)
     n = len(shards)
@@ -477,60 +606,399 @@ def shard_state_dict(state_dict: dict, max_shard_bytes: int,
     ### END SOLUTION
 
 
+def _shared_names(state_dict: dict, refuse_partial: bool = True) -> dict[str, list[str]]:
+    """Tied weights, by ``huggingface_hub``'s rule (``_remove_duplicate_names``, which transformers
+    and ``safetensors.torch.save_model`` share): names whose tensors overlap in one storage form a
+    group; the alphabetically first name whose tensor covers the whole storage is kept, the others
+    are dropped. Returns ``{kept: [dropped, ...]}`` (groups of one omitted).
+
+    Raises ValueError for a group none of whose tensors covers its storage (saving one would write
+    bytes nobody asked for, dropping them would lose data; ``.clone()`` them first)."""
+    by_storage = {}
+    for name, t in state_dict.items():
+        if t.device.type == "meta" or t.untyped_storage().nbytes() == 0:
+            continue
+        key = (t.device, t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        by_storage.setdefault(key, []).append(name)
+    groups = {}
+    for (_, base, size), names in by_storage.items():
+        if len(names) < 2:
+            continue
+        # split a storage into groups of overlapping byte ranges (disjoint slices are not tied)
+        spans = sorted((state_dict[n].data_ptr(), state_dict[n].data_ptr() + tensor_bytes(state_dict[n]), n)
+                       for n in names)
+        clusters, stop = [], -1
+        for begin, end, name in spans:
+            if begin >= stop:
+                clusters.append([])
+            clusters[-1].append(name)
+            stop = max(stop, end) if begin < stop else end
+        for cluster in clusters:
+            if len(cluster) < 2:
+                continue
+            complete = sorted(n for n in cluster if state_dict[n].data_ptr() == base
+                              and tensor_bytes(state_dict[n]) == size)
+            if not complete and not refuse_partial:
+                groups[min(cluster)] = sorted(cluster)[1:]
+                continue
+            if not complete:
+                raise ValueError(f"tensors {sorted(cluster)} share one storage but none of them covers "
+                                 f"it: .clone() them before saving")
+            groups[complete[0]] = sorted(n for n in cluster if n != complete[0])
+    return groups
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temp_name(path: Path) -> Path:
+    """A temporary name next to ``path``, unique per process, thread and call (two savers never
+    share one), that names its owner's PID so that a later save can tell an orphan from a live save."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}")
+
+
+def _remove_orphans(directory: Path, name: str) -> list[Path]:
+    """Delete the temporary files of target ``name`` left by processes that no longer exist
+    (a save killed before its rename). Returns what was removed."""
+    removed = []
+    for tmp in directory.glob(f".{glob.escape(name)}.tmp-*"):
+        pid = tmp.name[len(name) + 6:].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)                   # make renames and unlinks in it durable
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a uniquely named temporary file in the same directory, fsync it, rename it over
+    ``path``, fsync the directory. A crash at any point leaves either the old file or the new one,
+    never a mix; concurrent writers each rename a complete file (the last rename wins). Orphaned
+    temporary files of ``path`` from dead processes are removed first."""
+    path = Path(path)
+    _remove_orphans(path.parent, path.name)
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())       # the data is on disk before the name points at it
+        os.replace(tmp, path)          # atomic on POSIX within one file system
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _checksum_field(digest: str) -> bytes:
+    return f'"{CHECKSUM_KEY}":"{digest}"'.encode()
+
+
+_ZERO_DIGEST = "0" * 64
+
+
+def save_checkpoint(tensors: dict, path, metadata: dict | None = None) -> str:
+    """Crash-safe :func:`save_file`: atomic replace (:func:`_atomic_write`), plus a SHA-256 stored in
+    ``__metadata__[CHECKSUM_KEY]`` that covers the **whole file** — the header (tensor names, dtypes,
+    shapes, offsets, metadata; the digest's own 64 characters hashed as zeros) and the data — so that
+    :func:`load_checkpoint` detects a flipped bit anywhere. The file is still a plain safetensors file
+    that any reader loads. Returns the hex digest."""
+    _check_tensors(tensors)
+    _refuse_shared(tensors)
+    metadata = dict(metadata or {})
+    metadata[CHECKSUM_KEY] = _ZERO_DIGEST
+    head, order = serialize(tensors, metadata)
+    if head.count(_checksum_field(_ZERO_DIGEST)) != 1:   # JSON escaping makes it unique
+        raise RuntimeError("checksum field not found exactly once in the header")
+    digest = hashlib.sha256(head)
+    for _, t in order:
+        digest.update(_raw_bytes(t))
+    head = head.replace(_checksum_field(_ZERO_DIGEST), _checksum_field(digest.hexdigest()))
+
+    def write(f):
+        f.write(head)
+        for _, t in order:
+            f.write(_raw_bytes(t))
+
+    _atomic_write(Path(path), write)
+    return digest.hexdigest()
+
+
+def verify_checksum(path) -> str:
+    """Recompute the SHA-256 of the file at ``path`` (header with the digest zeroed, then the data)
+    and compare it with the stored one.
+
+    Returns the digest. Raises :class:`CorruptCheckpointError` on a mismatch, ``ValueError`` if the
+    file carries no checksum or is malformed."""
+    mm, _, metadata, data_start = _open_mapped(path)
+    try:
+        stored = metadata.get(CHECKSUM_KEY)
+        if stored is None:
+            raise ValueError(f"{path}: no {CHECKSUM_KEY!r} in __metadata__; save it with save_checkpoint")
+        head = bytes(mm[:data_start])
+        if len(stored) != 64 or head.count(_checksum_field(stored)) != 1:
+            raise CorruptCheckpointError(f"{path}: the checksum field is not the one save_checkpoint writes")
+        digest = hashlib.sha256(head.replace(_checksum_field(stored), _checksum_field(_ZERO_DIGEST)))
+        step = 64 << 20
+        for start in range(data_start, len(mm), step):
+            digest.update(mm[start:start + step])
+        if digest.hexdigest() != stored:
+            raise CorruptCheckpointError(f"{path}: checksum mismatch: the file hashes to "
+                                         f"{digest.hexdigest()[:16]}…, its header says {stored[:16]}…")
+        return stored
+    finally:
+        mm.close()
+
+
+def load_checkpoint(path, verify: bool = True) -> dict[str, torch.Tensor]:
+    """:func:`load_file` after :func:`verify_checksum` (one extra read pass, from the page cache).
+    ``path`` may also be a sharded checkpoint's index: then :func:`load_sharded` with ``verify``."""
+    if str(path).endswith(".json"):
+        return load_sharded(path, verify=verify)
+    if verify:
+        verify_checksum(path)
+    return load_file(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharded checkpoints: saving (the commit protocol) and the index as untrusted input
+# --------------------------------------------------------------------------------------------------
+
+def _index_name(prefix: str) -> str:
+    return f"{prefix}.safetensors.index.json"
+
+
 def save_sharded(state_dict: dict, directory, max_shard_bytes: int, prefix: str = "model",
-                 checkpoint: bool = False) -> Path:
-    """Write the shards of :func:`shard_state_dict` and ``{prefix}.safetensors.index.json`` into
-    ``directory``; returns the index path. With ``checkpoint=True`` every shard and the index are
-    written atomically with checksums (:func:`save_checkpoint`), the index last."""
+                 checkpoint: bool = False, metadata: dict | None = None) -> Path:
+    """Save a state dict as ``huggingface_hub.save_torch_state_dict`` does, optionally crash-safe.
+
+    Tied weights (names sharing one storage) are **deduplicated as huggingface_hub and transformers
+    do**, not refused as ``safetensors.torch.save_file`` does: the group's alphabetically first
+    complete name is written, the others are left out and recorded as ``metadata[dropped] = kept``
+    (:func:`_shared_names`); ``total_size`` counts the storage once. The remaining tensors are split by
+    :func:`shard_state_dict`. One shard is written as ``{prefix}.safetensors`` with no index; several
+    as ``{prefix}-0000i-of-0000n.safetensors`` plus ``{prefix}.safetensors.index.json`` (``weight_map``
+    in shard order). Every file carries ``{"format": "pt"}`` metadata. With ``checkpoint=False`` the
+    output is byte-identical to huggingface_hub's, and like it, it is **not** crash-safe: the old
+    files matching these names are deleted first, then the new ones written.
+
+    With ``checkpoint=True`` the save is a transaction whose commit point is one atomic rename:
+
+    1. take an exclusive lock on ``directory/.{prefix}.lock`` (concurrent savers, threads or processes,
+       run one after the other; readers take no lock);
+    2. write every shard under a name no earlier save used, ``{prefix}-{save_id}-0000i-of-0000n``
+       (``save_id`` random), each atomically with its whole-file SHA-256 (:func:`save_checkpoint`) and
+       ``SAVE_ID_KEY`` in its metadata — the files of the previous checkpoint are not touched;
+    3. commit: atomically replace the index, which records ``SAVE_ID_KEY`` and every shard's digest
+       (``SHARD_HASHES_KEY``); with one shard, atomically replace ``{prefix}.safetensors`` instead;
+    4. delete what the new checkpoint does not use: the previous index's shards, shards of saves killed
+       before step 3 (unreferenced ``{prefix}-{id}-…`` files) and temporary files of dead processes.
+
+    A crash before step 3 leaves the previous checkpoint whole (plus orphans that the next save
+    removes); after it, the new one. A loader that meets a mix anyway (files copied by hand, a
+    crash in a non-checkpoint save) refuses it: :func:`load_sharded` checks every shard's save id
+    against the index, and with ``verify=True`` every shard's digest. What no test here can show:
+    that ``fsync`` makes this durable across a power loss (that depends on the disk honouring flushes).
+
+    Args:
+        state_dict: name → tensor (CPU or CUDA; not meta).
+        directory: created if missing.
+        max_shard_bytes: positive int, the most tensor bytes per shard (see :func:`shard_state_dict`).
+        metadata: optional str → str, stored in the single file or the index's ``metadata``.
+
+    Returns:
+        The path to load: the index, or ``{prefix}.safetensors`` for a single shard.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    shards, index = shard_state_dict(state_dict, max_shard_bytes, prefix)
-    for shard in shards:
-        target = directory / index["weight_map"][next(iter(shard))]
-        (save_checkpoint if checkpoint else save_file)(shard, target)
-    index_path = directory / f"{prefix}.safetensors.index.json"
-    text = (json.dumps(index, indent=2) + "\n").encode()
-    if checkpoint:
-        _atomic_write(index_path, lambda f: f.write(text))
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError(f"metadata must be a dict of str -> str, got {metadata!r}")
+    groups = _shared_names(state_dict)
+    dropped = {d: kept for kept, ds in groups.items() for d in ds}
+    kept_sd = {n: t for n, t in state_dict.items() if n not in dropped}
+    shards, index = shard_state_dict(kept_sd, max_shard_bytes, prefix)
+    extra = {**dict(metadata or {}), **{d: k for d, k in dropped.items() if d not in (metadata or {})}}
+    if not checkpoint:
+        return _save_sharded_plain(shards, directory, prefix, index["metadata"]["total_size"], extra)
+    lock_path = directory / f".{prefix}.lock"
+    with open(lock_path, "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            return _save_sharded_transaction(shards, directory, prefix, index["metadata"]["total_size"], extra)
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+_SHARD_RE = r"-(?:[0-9a-f]{16}-)?\d{5}-of-\d{5}\.safetensors"
+
+
+def _save_sharded_plain(shards, directory: Path, prefix: str, total: int, extra: dict) -> Path:
+    pattern = re.compile(re.escape(prefix) + f"(?:{_SHARD_RE}|\\.safetensors)(?:\\.index\\.json)?")
+    for old in directory.iterdir():      # what huggingface_hub does: clear, then write
+        if pattern.fullmatch(old.name):
+            old.unlink()
+    if len(shards) <= 1:
+        path = directory / f"{prefix}.safetensors"
+        save_file(shards[0] if shards else {}, path, {"format": "pt", **extra})
+        return path
+    n = len(shards)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file(shard, directory / name, {"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    path = directory / _index_name(prefix)
+    path.write_text(json.dumps({"metadata": {"total_size": total, **extra}, "weight_map": weight_map}, indent=2))
+    return path
+
+
+def _save_sharded_transaction(shards, directory: Path, prefix: str, total: int, extra: dict) -> Path:
+    index_path, single = directory / _index_name(prefix), directory / f"{prefix}.safetensors"
+    previous = set()   # the files the checkpoint being replaced uses
+    if index_path.exists():
+        try:
+            previous = {f for f, _ in _checkpoint_plan(index_path, check_headers=False)}
+        except ValueError:
+            pass       # a damaged index protects nothing
+    if len(shards) <= 1:
+        save_checkpoint(shards[0] if shards else {}, single, {"format": "pt", **extra})   # commit
+        keep = {single}
+        index_path.unlink(missing_ok=True)
     else:
-        index_path.write_bytes(text)
-    return index_path
+        save_id, n = uuid.uuid4().hex[:16], len(shards)
+        weight_map, digests = {}, {}
+        for i, shard in enumerate(shards):
+            name = f"{prefix}-{save_id}-{i + 1:05d}-of-{n:05d}.safetensors"
+            digests[name] = save_checkpoint(shard, directory / name, {"format": "pt", SAVE_ID_KEY: save_id})
+            weight_map.update(dict.fromkeys(shard, name))
+        index = {"metadata": {"total_size": total, **extra, SAVE_ID_KEY: save_id, SHARD_HASHES_KEY: digests},
+                 "weight_map": weight_map}
+        text = json.dumps(index, indent=2).encode()
+        _atomic_write(index_path, lambda f: f.write(text))                                   # commit
+        keep = {directory / name for name in digests}
+        if single.exists():
+            previous.add(single)
+    ours = re.compile(re.escape(prefix) + r"-[0-9a-f]{16}-\d{5}-of-\d{5}\.safetensors")
+    for old in directory.iterdir():
+        if old not in keep and (old in previous or ours.fullmatch(old.name)):
+            old.unlink(missing_ok=True)
+    for name in {p.name for p in keep} | {index_path.name}:
+        _remove_orphans(directory, name)
+    temp_shard = re.compile(r"\." + ours.pattern + r"\.tmp-(\d+)-.*")
+    for tmp in directory.iterdir():       # temporary shards of killed saves (their names were unique)
+        match = temp_shard.fullmatch(tmp.name)
+        if match and not _pid_alive(int(match.group(1))):
+            tmp.unlink(missing_ok=True)
+    _fsync_directory(directory)
+    return index_path if len(shards) > 1 else single
 
 
-def _read_index(index_path) -> tuple[Path, dict]:
+def _safe_shard_name(directory: Path, name, tensor: str) -> Path:
+    """An index's file name, as untrusted input: a plain file name in the index's directory."""
+    if not isinstance(name, str):
+        raise ValueError(f"weight_map[{tensor!r}] must be a file name string, got {type(name).__name__}")
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.isabs(name) or Path(name).name != name):
+        raise ValueError(f"weight_map[{tensor!r}] = {name!r} is not a plain file name in the "
+                         f"checkpoint's directory (no paths, no '..')")
+    return directory / name
+
+
+def _read_index(index_path) -> tuple[Path, dict, dict]:
+    """Parse and validate an index: ``(directory, weight_map, metadata)``; ValueError if malformed."""
     index_path = Path(index_path)
     try:
-        index = json.loads(index_path.read_text())
+        index = json.loads(index_path.read_bytes().decode("utf-8"))
         weight_map = index["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{index_path}: not a safetensors index (needs a 'weight_map'): {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as exc:
+        raise ValueError(f"{index_path}: not a safetensors index (needs a 'weight_map'): "
+                         f"{type(exc).__name__}: {exc}") from None
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index_path}: weight_map must be an object, got {type(weight_map).__name__}")
-    return index_path.parent, weight_map
+    metadata = index.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{index_path}: metadata must be an object, got {type(metadata).__name__}")
+    for tensor, name in weight_map.items():
+        _safe_shard_name(index_path.parent, name, tensor)
+    return index_path.parent, weight_map, metadata
 
 
-def _checkpoint_files(path) -> list[Path]:
-    """The .safetensors files behind ``path``: itself, or the shards an index names, in order."""
+def _checkpoint_plan(path, check_headers: bool = True) -> list[tuple[Path, list[str]]]:
+    """The files behind ``path`` (a ``.safetensors`` file or an index) and, for each, the tensor names
+    to load from it. For an index, with ``check_headers``, every shard's header is read and must hold
+    exactly the names the index puts there, no tensor may sit in two shards, and shards written by
+    :func:`save_sharded` must carry the index's save id (a mix of two saves is refused)."""
     path = Path(path)
-    if path.name.endswith(".json"):
-        directory, weight_map = _read_index(path)
-        return [directory / f for f in dict.fromkeys(weight_map.values())]
-    return [path]
+    if not path.name.endswith(".json"):
+        if not check_headers:
+            return [(path, [])]
+        mm, tensors, _, _ = _open_mapped(path)
+        mm.close()
+        return [(path, list(tensors))]
+    directory, weight_map, metadata = _read_index(path)
+    plan = {}
+    for tensor, name in weight_map.items():
+        plan.setdefault(directory / name, []).append(tensor)
+    if not check_headers:
+        return list(plan.items())
+    save_id, found_in, headers = metadata.get(SAVE_ID_KEY), {}, {}
+    for file in plan:
+        mm, tensors, file_meta, _ = _open_mapped(file)
+        mm.close()
+        headers[file] = tensors, file_meta
+        for tensor in tensors:
+            if tensor in found_in:
+                raise ValueError(f"tensor {tensor!r} is in two shards, {found_in[tensor].name} and "
+                                 f"{file.name}: which one is the checkpoint's is ambiguous")
+            found_in[tensor] = file
+    for file, listed in plan.items():
+        tensors, file_meta = headers[file]
+        if set(tensors) != set(listed):
+            raise ValueError(f"{file.name}: holds {sorted(set(tensors) - set(listed))} not in the index "
+                             f"and lacks {sorted(set(listed) - set(tensors))} that the index puts there")
+        if save_id is not None and file_meta.get(SAVE_ID_KEY) != save_id:
+            raise ValueError(f"{file.name} belongs to save {file_meta.get(SAVE_ID_KEY)!r}, the index to "
+                             f"save {save_id!r}: a torn or mixed checkpoint")
+    return list(plan.items())
 
 
 def load_sharded(index_path, verify: bool = False) -> dict[str, torch.Tensor]:
-    """Eagerly load a sharded checkpoint through its index (name → tensor). Checks that every
-    tensor the index names is in the shard it names, and that shards hold nothing unlisted."""
-    directory, weight_map = _read_index(index_path)
+    """Eagerly load a checkpoint through its index (name → tensor, in ``weight_map`` order); a single
+    ``.safetensors`` path works too. The index is untrusted input (:func:`_checkpoint_plan`): file
+    names must be plain names in its directory, every shard must hold exactly the tensors the index
+    puts there, none in two shards, and all of one save. With ``verify``, every shard's whole-file
+    checksum is checked, and compared with the digest the index recorded for it when there is one."""
+    plan = _checkpoint_plan(index_path)
+    hashes = {}
+    if Path(index_path).name.endswith(".json"):
+        hashes = _read_index(index_path)[2].get(SHARD_HASHES_KEY) or {}
     out = {}
-    for file in dict.fromkeys(weight_map.values()):
-        tensors = load_checkpoint(directory / file) if verify else load_file(directory / file)
-        listed = {n for n, f in weight_map.items() if f == file}
-        if set(tensors) != listed:
-            raise ValueError(f"{file}: holds {sorted(set(tensors) - listed)} not in the index and "
-                             f"lacks {sorted(listed - set(tensors))} that the index puts there")
-        out.update(tensors)
-    return {name: out[name] for name in weight_map}
+    for file, listed in plan:
+        if verify:
+            digest = verify_checksum(file)
+            if file.name in hashes and hashes[file.name] != digest:
+                raise CorruptCheckpointError(f"{file.name}: its checksum {digest[:16]}… is not the one the "
+                                             f"index recorded, {str(hashes[file.name])[:16]}…")
+        tensors = load_file(file)
+        out.update((name, tensors[name]) for name in listed)
+    names = [n for _, listed in plan for n in listed]
+    if Path(index_path).name.endswith(".json"):
+        names = list(_read_index(index_path)[1])
+    return {name: out[name] for name in names}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -544,31 +1012,43 @@ def load_into_model(model: torch.nn.Module, path, strict: bool = True) -> dict:
     Each tensor's bytes are read (``readinto``) directly into the parameter or buffer that will hold
     them when dtype and layout match, else into a temporary that is cast into it — so peak memory is
     the model plus the largest tensor, never model + checkpoint. Files are read in offset order
-    (sequential I/O). Tensors that share storage in the model (tied weights) may appear once.
+    (sequential I/O); each tensor comes from the shard the index names (checked as in
+    :func:`load_sharded`). Tensors that share storage in the model (tied weights) may appear once.
+
+    A model built on the ``meta`` device (``with torch.device("meta"):``) has no memory to read into:
+    its tensors are created on the CPU in the model's dtypes and assigned (``load_state_dict(...,
+    assign=True)``), and names tied in the model (one Parameter under two names) are tied again.
 
     Returns ``{"tensors": n loaded, "bytes": bytes read}``.
 
     Raises:
-        ValueError: on a shape mismatch, and with ``strict`` for missing or unexpected names.
+        ValueError: on a shape mismatch, a malformed or inconsistent checkpoint, and with ``strict``
+            for missing or unexpected names, or a tensor left on the meta device.
     """
-    targets = model.state_dict()
-    loaded, unexpected, nbytes = set(), [], 0
-    for file in _checkpoint_files(path):
+    targets = model.state_dict(keep_vars=True)
+    loaded, unexpected, nbytes, assign = set(), [], 0, {}
+    for file, listed in _checkpoint_plan(path):
         mm, tensors, _, data_start = _open_mapped(file)
         mm.close()
         with open(file, "rb", buffering=0) as f:
             _sequential(f)
-            for name, info in sorted(tensors.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            for name in sorted(listed, key=lambda n: tensors[n]["data_offsets"][0]):
+                info = tensors[name]
                 if name not in targets:
                     unexpected.append(name)
                     continue
-                target, dtype = targets[name], DTYPES[info["dtype"]]
+                target, dtype = targets[name].data, _torch_dtype(info["dtype"], name)
+                _torch_shape(info["shape"], name)
                 if list(target.shape) != info["shape"]:
                     raise ValueError(f"{name}: checkpoint shape {info['shape']} does not match the "
                                      f"model's {list(target.shape)}")
                 offset = data_start + info["data_offsets"][0]
                 with torch.no_grad():
-                    if target.dtype == dtype and target.device.type == "cpu" and target.is_contiguous():
+                    if target.device.type == "meta":
+                        tmp = torch.empty(info["shape"], dtype=dtype)
+                        _readinto(f, offset, tmp)
+                        assign[name] = tmp.to(target.dtype)
+                    elif target.dtype == dtype and target.device.type == "cpu" and target.is_contiguous():
                         _readinto(f, offset, target)
                     else:
                         tmp = torch.empty(info["shape"], dtype=dtype)
@@ -576,85 +1056,34 @@ def load_into_model(model: torch.nn.Module, path, strict: bool = True) -> dict:
                         target.copy_(tmp)
                 loaded.add(name)
                 nbytes += info["data_offsets"][1] - info["data_offsets"][0]
-    pointers = {targets[n].data_ptr() for n in loaded if targets[n].numel()}
-    missing = [n for n in targets if n not in loaded
-               and not (targets[n].numel() and targets[n].data_ptr() in pointers)]
+    # names that are one tensor object in the model (tied): loading one of them loads all
+    same_object = {}
+    for name, t in targets.items():
+        same_object.setdefault(id(t), []).append(name)
+    if assign:
+        model.load_state_dict(assign, strict=False, assign=True)
+        for names in same_object.values():       # assign replaced one alias: tie the others to it
+            source = next((n for n in names if n in assign), None)
+            for alias in names:
+                if source is not None and alias != source and alias not in assign:
+                    *owner, leaf = alias.split(".")
+                    setattr(model.get_submodule(".".join(owner)), leaf,
+                            getattr(model.get_submodule(".".join(source.split(".")[:-1])),
+                                    source.split(".")[-1]))
+    tied = {n for names in same_object.values() if set(names) & loaded for n in names}
+    pointers = {targets[n].data_ptr() for n in loaded if targets[n].numel() and targets[n].device.type != "meta"}
+    missing = [n for n in targets if n not in loaded and n not in tied
+               and not (targets[n].numel() and targets[n].device.type != "meta"
+                        and targets[n].data_ptr() in pointers)]
     if strict and (missing or unexpected):
         raise ValueError(f"checkpoint does not match the model: missing {missing}, "
                          f"unexpected {unexpected}")
+    if strict:
+        on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+        if on_meta:
+            raise ValueError(f"still on the meta device after loading: {on_meta} (not in the checkpoint, "
+                             f"e.g. non-persistent buffers): initialise them, or build the model on a real device")
     return {"tensors": len(loaded), "bytes": nbytes}
-
-
-# --------------------------------------------------------------------------------------------------
-# Crash safety: atomic replace + checksum
-# --------------------------------------------------------------------------------------------------
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same directory, fsync it, rename over ``path``, fsync the
-    directory. A crash at any point leaves either the old file or the new one, never a mix."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())       # the data is on disk before the name points at it
-        os.replace(tmp, path)          # atomic on POSIX within one file system
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)                   # make the rename itself durable
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(tensors: dict, path, metadata: dict | None = None) -> None:
-    """Crash-safe :func:`save_file`: atomic replace, plus the SHA-256 of the data section stored in
-    ``__metadata__[CHECKSUM_KEY]`` so that :func:`load_checkpoint` can detect corruption. The file
-    is still a plain safetensors file that any reader loads."""
-    _check_tensors(tensors)
-    metadata = dict(metadata or {})
-    _, order = serialize(tensors, metadata)
-    metadata[CHECKSUM_KEY] = _data_sha256(order)
-    head, order = serialize(tensors, metadata)
-
-    def write(f):
-        f.write(head)
-        for _, t in order:
-            f.write(_raw_bytes(t))
-
-    _atomic_write(Path(path), write)
-
-
-def verify_checksum(path) -> str:
-    """Recompute the SHA-256 of ``path``'s data section and compare it with the stored one.
-
-    Returns the digest. Raises :class:`CorruptCheckpointError` on a mismatch and ``ValueError`` if
-    the file carries no checksum or is malformed."""
-    mm, _, metadata, data_start = _open_mapped(path)
-    try:
-        if CHECKSUM_KEY not in metadata:
-            raise ValueError(f"{path}: no {CHECKSUM_KEY!r} in __metadata__; save it with save_checkpoint")
-        digest = hashlib.sha256()
-        step = 64 << 20
-        for start in range(data_start, len(mm), step):
-            digest.update(mm[start:start + step])
-        if digest.hexdigest() != metadata[CHECKSUM_KEY]:
-            raise CorruptCheckpointError(f"{path}: checksum mismatch: the data section hashes to "
-                                         f"{digest.hexdigest()[:16]}…, the header says "
-                                         f"{metadata[CHECKSUM_KEY][:16]}…")
-        return digest.hexdigest()
-    finally:
-        mm.close()
-
-
-def load_checkpoint(path, verify: bool = True) -> dict[str, torch.Tensor]:
-    """:func:`load_file` after :func:`verify_checksum` (one extra read pass, from the page cache)."""
-    if verify:
-        verify_checksum(path)
-    return load_file(path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -710,14 +1139,39 @@ def decompress_tensor(streams: list[bytes], dtype: torch.dtype, shape, codec: st
     return torch.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
+def _decompress_codec_only(codec: str, streams: list[bytes], chunk: int = 4 << 20) -> int:
+    """Decompress every stream through the codec into one reused, already touched ``chunk``-byte
+    buffer (so neither allocation nor page faults are timed); returns the bytes produced."""
+    produced = 0
+    if codec == "zstd":
+        import zstandard
+        dctx, buf = zstandard.ZstdDecompressor(), bytearray(chunk)
+        for s in streams:
+            reader = dctx.stream_reader(s)
+            while n := reader.readinto(buf):
+                produced += n
+        return produced
+    import lz4.frame
+    for s in streams:   # lz4.frame has no readinto: feed 1 MiB of input at a time (bounded output;
+        d, view = lz4.frame.LZ4FrameDecompressor(), memoryview(s)   # max_length= re-buffers: quadratic)
+        for start in range(0, len(s), 1 << 20):
+            produced += len(d.decompress(view[start:start + (1 << 20)]))
+    return produced
+
+
 def measure_compression(t: torch.Tensor, codec: str, split_planes: bool = False,
                         level: int | None = None, repeat: int = 3) -> dict:
     """Ratio (raw bytes / compressed bytes), compression and decompression speed in MB of raw bytes
     per second of this process's CPU time (``time.process_time``: the codecs are single-threaded, and
     CPU time is not inflated when other jobs share the cores), best of ``repeat``; per-plane ratios
-    when split. Checks the round trip is exact."""
+    when split. Checks the round trip is exact.
+
+    Two decompression speeds: ``decompress_codec_MBps`` times the codec alone (compressed bytes → raw
+    bytes in 4 MiB pieces into one reused buffer, :func:`_decompress_codec_only`: what zstd/lz4 cost),
+    ``decompress_MBps`` the whole :func:`decompress_tensor` round trip, which adds allocating and first
+    touching the output, the copies into a tensor and, when split, the byte-plane transpose."""
     raw = tensor_bytes(t)
-    best_c = best_d = float("inf")
+    best_c = best_d = best_codec = float("inf")
     for _ in range(repeat):
         start = time.process_time()
         streams = compress_tensor(t, codec, level, split_planes)
@@ -725,66 +1179,25 @@ def measure_compression(t: torch.Tensor, codec: str, split_planes: bool = False,
         start = time.process_time()
         back = decompress_tensor(streams, t.dtype, t.shape, codec, split_planes)
         best_d = min(best_d, max(time.process_time() - start, 1e-9))
-    if not torch.equal(back.view(torch.uint8) if back.dtype == torch.bool else back,
-                       t.view(torch.uint8) if t.dtype == torch.bool else t):
+        start = time.process_time()
+        if _decompress_codec_only(codec, streams) != raw:
+            raise AssertionError("codec produced the wrong number of bytes")
+        best_codec = min(best_codec, max(time.process_time() - start, 1e-9))
+    if bytes(_raw_bytes(back)) != bytes(_raw_bytes(t)):
         raise AssertionError("compression round trip changed the tensor")
     stored = sum(len(s) for s in streams)
     row = {"codec": codec, "split_planes": split_planes, "dtype": DTYPE_NAMES[t.dtype],
            "raw_bytes": raw, "stored_bytes": stored, "ratio": raw / stored,
-           "compress_MBps": raw / best_c / 1e6, "decompress_MBps": raw / best_d / 1e6}
+           "compress_MBps": raw / best_c / 1e6, "decompress_MBps": raw / best_d / 1e6,
+           "decompress_codec_MBps": raw / best_codec / 1e6}
     if split_planes:
         row["plane_ratios"] = [t.numel() / len(s) for s in streams]
     return row
 
 
 # --------------------------------------------------------------------------------------------------
-# Caching (exercise task 4) and memory measurement
+# Memory measurement
 # --------------------------------------------------------------------------------------------------
-
-def simulate_lru(accesses, layer_bytes, capacity_bytes: int) -> dict:
-    """Replay layer accesses through an LRU cache that holds at most ``capacity_bytes``.
-
-    Args:
-        accesses: sequence of layer ids (ints), in access order.
-        layer_bytes: ``layer_bytes[i]`` is the size in bytes of layer ``i`` (a list or a dict).
-        capacity_bytes: non-negative int.
-
-    Behaviour per access: a resident layer is a *hit* and becomes the most recently used. Otherwise it
-    is a *miss*: its bytes are loaded (``bytes_loaded += layer_bytes[i]``); if it fits in the cache at
-    all, least recently used layers are evicted (``evictions`` counts them) until it fits, and it is
-    inserted as the most recently used. A layer larger than the whole cache is loaded, used and not
-    kept (nothing is evicted for it).
-
-    Returns:
-        ``{"hits": int, "misses": int, "bytes_loaded": int, "evictions": int}``.
-
-    Raises:
-        ValueError: if ``capacity_bytes`` is negative.
-    """
-    if capacity_bytes < 0:
-        raise ValueError(f"capacity_bytes must be non-negative, got {capacity_bytes}")
-    ### BEGIN SOLUTION
-    cache = OrderedDict()              # layer id -> bytes, least recently used first
-    used = hits = misses = loaded = evictions = 0
-    for layer in accesses:
-        if layer in cache:
-            hits += 1
-            cache.move_to_end(layer)
-            continue
-        misses += 1
-        size = layer_bytes[layer]
-        loaded += size
-        if size > capacity_bytes:
-            continue
-        while used + size > capacity_bytes:
-            _, freed = cache.popitem(last=False)
-            used -= freed
-            evictions += 1
-        cache[layer] = size
-        used += size
-    return {"hits": hits, "misses": misses, "bytes_loaded": loaded, "evictions": evictions}
-    ### END SOLUTION
-
 
 def peak_rss_bytes() -> int:
     """This process's peak resident set size in bytes (``VmHWM`` of ``/proc/self/status``; falls back
@@ -797,3 +1210,11 @@ def peak_rss_bytes() -> int:
         pass
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def __getattr__(name):
+    # simulate_lru moved to llmspace.tiered (the cache lives with the tiers); old imports keep working.
+    if name == "simulate_lru":
+        from llmspace.tiered import simulate_lru
+        return simulate_lru
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
