@@ -31,6 +31,7 @@ from packaging.requirements import Requirement
 from autograder import student
 from autograder.specs import all_assignments
 from autograder.sync import notebook_path
+from notebooks import release_all
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSIGNMENTS = list(all_assignments().values())
@@ -88,19 +89,7 @@ def venv(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def released(tmp_path_factory):
-    course = tmp_path_factory.mktemp("course")
-    shutil.copy(ROOT / "exercises" / "nbgrader_config.py", course)
-    shutil.copytree(ROOT / "exercises" / "source", course / "source")
-    from nbgrader.apps import NbGraderAPI
-    from traitlets.config.loader import PyFileConfigLoader
-    config = PyFileConfigLoader("nbgrader_config.py", str(course)).load_config()
-    config.CourseDirectory.root = str(course)
-    config.CourseDirectory.db_url = f"sqlite:///{course}/gradebook.db"
-    api = NbGraderAPI(config=config)   # in-process: one nbgrader import for the six releases
-    for a in ASSIGNMENTS:
-        done = api.generate_assignment(a.name, force=True)
-        assert done["success"], done.get("error")
-    return course / "release"
+    return release_all(tmp_path_factory.mktemp("course"), ROOT / "exercises", ASSIGNMENTS)
 
 
 def test_venv_sees_only_the_wheel_and_its_dependencies(venv, tmp_path):
