@@ -52,7 +52,8 @@ student: venv
 LAB_PORT ?= 8888
 lab: venv exercises
 	cd exercises && jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) \
-	  --ServerApp.root_dir=$(CURDIR)/exercises --ServerApp.open_browser=False
+	  --ServerApp.root_dir=$(CURDIR)/exercises --ServerApp.open_browser=False \
+	  $$([ "$$(id -u)" = 0 ] && echo --ServerApp.allow_root=True)
 
 book: venv exercises student
 	$(PY) -m autograder.sync --check

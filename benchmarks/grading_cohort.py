@@ -8,8 +8,9 @@
 Each generated student answers every task of the assignment with one of: the reference (the instructor
 notebook's solution cell), an alternative correct answer (``autograder/fixtures/<topic>_alt.py``, where
 it exists), a wrong answer (``<topic>_wrong.py``), or the untouched stub — drawn per task with a seeded
-RNG. The expected score of every item is decided beforehand, in this process, by running the instructor's
-check (visible + hidden) on that function object: the notebooks' grades must equal it. Both runs must
+RNG. The expected score of every item is decided beforehand, in this process and without the grader: the
+notebook's setup and answer cells run in a plain namespace and the instructor's checks (visible + hidden)
+run on what they define. The grades must equal it. Both runs must
 put all students in their own fresh gradebook database with those scores, and agree with each other.
 """
 from __future__ import annotations
@@ -72,14 +73,27 @@ def fixture_answers(assignment, kind: str) -> dict[str, list]:
     return out
 
 
-def passes(assignment, function: str, fn) -> bool:
-    check = getattr(importlib.import_module(f"autograder.checks.{assignment.topic}"), f"check_{function}")
-    try:
-        check(fn)
-        check(fn, hidden=True)
-    except CheckFailed:
-        return False
-    return True
+def expected_scores(assignment, nb) -> dict:
+    """{grade_id: points} decided without the grader: the setup and solution cells are executed in a plain
+    namespace of this process (answers call each other, e.g. a reference ``sparse_add`` calls the notebook's
+    ``coo_to_csr``), then each task's check runs, visible and hidden cases, on the function found there."""
+    checks = importlib.import_module(f"autograder.checks.{assignment.topic}")
+    namespace: dict = {"__name__": "__main__"}
+    for cell in nb.cells:
+        meta = cell.metadata.get("nbgrader", {})
+        if cell.cell_type == "code" and (meta.get("solution") or meta.get("grade_id", "").endswith("_setup")):
+            exec(compile(cell.source, meta.get("grade_id", "cell"), "exec"), namespace)
+    out = {}
+    for task in assignment.tasks:
+        check = getattr(checks, f"check_{task.function}")
+        try:
+            check(namespace[task.function])
+            check(namespace[task.function], hidden=True)
+        except CheckFailed:
+            out[assignment.grade_id(task.function)] = 0.0
+        else:
+            out[assignment.grade_id(task.function)] = float(task.points)
+    return out
 
 
 def generate(assignment, release: Path, out: Path, students: int, seed: int) -> dict:
@@ -90,33 +104,28 @@ def generate(assignment, release: Path, out: Path, students: int, seed: int) -> 
     solution = {c.metadata["nbgrader"]["grade_id"].removesuffix("_solution"): c.source
                 for c in source.cells if c.metadata.get("nbgrader", {}).get("solution")}
     wrong, alt = fixture_answers(assignment, "wrong"), fixture_answers(assignment, "alt")
-    verdict = {}
-    for pool in (wrong, alt):
-        for function, answers in pool.items():
-            for name, _, fn in answers:
-                verdict[name] = passes(assignment, function, fn)
-    expected, mix = {}, {"reference": 0, "alt": 0, "wrong": 0, "stub": 0}
+    expected, mix, cache = {}, {"reference": 0, "alt": 0, "wrong": 0, "stub": 0}, {}
     for i in range(students):
         student = f"s{i:04d}"
         nb = nbformat.from_dict(blank)
         cells = {c.metadata.get("nbgrader", {}).get("grade_id", ""): c for c in nb.cells}
-        expected[student] = {}
         for task in assignment.tasks:
             gid = assignment.grade_id(task.function)
             r = rng.random()
             if r < 0.05:
-                kind, text, ok = "stub", cells[f"{gid}_solution"].source, False
+                kind, text = "stub", cells[f"{gid}_solution"].source
             elif r < 0.45 and wrong.get(task.function):
-                name, text, _ = rng.choice(wrong[task.function])
-                kind, ok = "wrong", verdict[name]
+                kind, text = "wrong", rng.choice(wrong[task.function])[1]
             elif r < 0.75 and alt.get(task.function):
-                name, text, _ = rng.choice(alt[task.function])
-                kind, ok = "alt", verdict[name]
+                kind, text = "alt", rng.choice(alt[task.function])[1]
             else:
-                kind, text, ok = "reference", solution[gid], True
+                kind, text = "reference", solution[gid]
             mix[kind] += 1
             cells[f"{gid}_solution"].source = text
-            expected[student][gid] = float(task.points) if ok else 0.0
+        key = tuple(c.source for c in nb.cells if c.metadata.get("nbgrader", {}).get("solution"))
+        if key not in cache:
+            cache[key] = expected_scores(assignment, nb)
+        expected[student] = cache[key]
         folder = out / student / assignment.name
         folder.mkdir(parents=True)
         nbformat.write(nb, folder / f"{assignment.name}.ipynb")
