@@ -239,6 +239,10 @@ def test_stripped_checks_give_the_instructors_visible_verdicts(files):
             ours, theirs = _verdict(mine, answer), _verdict(original, answer)
             if "emitted a warning" in ours + theirs:  # torch warns once per process: the second run is silent
                 ours, theirs = ours.split(":")[0], theirs.split(":")[0]
+            elif ours != theirs and _verdict(original, answer) != theirs:
+                # the instructor's own message varies from run to run (e.g. a case named after the first key
+                # of a dict safetensors returns in hash order): only the verdict can be compared
+                ours, theirs = ours.split(":")[0], theirs.split(":")[0]
             assert ours == theirs, (task.function, name)
             n += 1
         with pytest.raises(ValueError, match="hidden cases are not in the student package"):
