@@ -301,3 +301,24 @@ def test_every_notebook_and_chapter_says_how_to_install():
         text = chapter.read_text()
         assert f"{{download}}`{wheel} </dist/{wheel}>`" in text, chapter
         assert "{download}`ex" in text
+
+
+def test_check_names_a_task_that_imports_the_reference():
+    """`check` says "task X imports the reference implementation" for an answer imported from llmspace (the
+    student package's llmspace only has the stub), whatever the import's form; a later own `def` wins."""
+    import nbformat
+
+    from autograder import cli
+    a = all_assignments()["ex01_sparse"]
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(s) for s in (
+        "from llmspace.sparse import coo_to_csr, CSR",
+        "import llmspace.sparse as S\nsparse_add = S.sparse_add",
+        "from llmspace.sparse import csr_matvec\ndef csr_matvec(A, x):\n    return A @ x",
+        "csr_to_csc = llmspace.sparse.csr_to_csc",
+        "this is not python",
+    )]
+    found = cli.reference_imports(nb, a)
+    assert set(found) == {"coo_to_csr", "sparse_add", "csr_to_csc"}
+    assert found["coo_to_csr"] == "from llmspace.sparse import coo_to_csr"
+    assert found["sparse_add"] == "sparse_add = S.sparse_add"

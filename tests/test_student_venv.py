@@ -183,3 +183,21 @@ def test_check_from_the_wheel(assignment, venv, released, tmp_path):
         else:
             assert report["score"] == assignment.max_score, {k: d["message"] for k, d in details.items()}
             assert not report["cell_errors"]
+
+
+def test_check_from_the_wheel_names_an_imported_reference(venv, released, tmp_path):
+    """Importing the answer from llmspace gets the stub in the student package: `check` says so, in the
+    table, with no traceback."""
+    python, env = venv
+    nb = nbformat.read(released / "ex01_sparse" / "ex01_sparse.ipynb", as_version=4)
+    for cell in nb.cells:
+        if cell.metadata.get("nbgrader", {}).get("grade_id") == "ex01_coo_to_csr_solution":
+            cell.source = "from llmspace.sparse import coo_to_csr"
+    path = tmp_path / "ex01_sparse.ipynb"
+    nbformat.write(nb, path)
+    done = subprocess.run([str(python), "-m", "autograder", "check", str(path)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert "task coo_to_csr imports the reference implementation" in done.stdout
+    assert re.search(r"^  total\s+0/13", done.stdout, re.M)
+    assert "Traceback" not in done.stdout + done.stderr and "Warning" not in done.stdout + done.stderr
