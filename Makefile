@@ -10,13 +10,15 @@ export TRANSFORMERS_OFFLINE := 1
 export TRITON_INTERPRET := 1
 ASSIGNMENTS := $(notdir $(wildcard exercises/source/ex*))
 
-.PHONY: help venv book serve exercises sync test test-fast chromium postgres bubblewrap benchmarks clean
+.PHONY: help venv book serve exercises student lab sync test test-fast chromium postgres bubblewrap benchmarks clean
 
 help:
 	@echo "make book        build the executed book into _build/html (creates .venv on first use)"
 	@echo "make test        run every test: library, checks, notebooks, grader, book build, browser"
 	@echo "make serve       serve the built book on http://127.0.0.1:8000"
 	@echo "make exercises   release the student notebooks into exercises/release/"
+	@echo "make student     build the student package (stubbed library + visible checks) into dist/"
+	@echo "make lab         JupyterLab with nbgrader's extensions on the course folder (http://127.0.0.1:$(LAB_PORT))"
 	@echo "make sync        rebuild exercise notebooks and the interview index from their sources"
 	@echo "make benchmarks  rerun the measurements behind the book's figures"
 
@@ -41,7 +43,19 @@ exercises: venv
 	  echo "released exercises/release/$$a/$$a.ipynb"; \
 	done
 
-book: venv exercises
+# The learner's wheel (autograder/student.py): the book links it next to every exercise notebook.
+student: venv
+	$(PY) -m autograder.student --out dist
+
+# JupyterLab on the course folder: nbgrader's formgrader, assignment list and validate extensions (enabled by
+# the nbgrader package), reachable from this machine only.
+LAB_PORT ?= 8888
+lab: venv exercises
+	cd exercises && jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) \
+	  --ServerApp.root_dir=$(CURDIR)/exercises --ServerApp.open_browser=False \
+	  $$([ "$$(id -u)" = 0 ] && echo --ServerApp.allow_root=True)
+
+book: venv exercises student
 	$(PY) -m autograder.sync --check
 	$(PY) book/_ext/interview_index.py --check
 	jupyter-book build . --config _config.yml --toc _toc.yml --warningiserror --keep-going
@@ -103,4 +117,4 @@ benchmarks: venv
 	$(PY) benchmarks/storage_offload_gpu.py
 
 clean:
-	rm -rf _build exercises/release exercises/autograded exercises/feedback exercises/gradebook.db
+	rm -rf _build dist exercises/release exercises/autograded exercises/feedback exercises/gradebook.db

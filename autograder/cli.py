@@ -1,8 +1,11 @@
 """Grading command line.
 
-    python -m autograder check NOTEBOOK.ipynb [--json]
-        Learner side: run your notebook in the grader's sandbox with the visible *and* hidden checks and
-        print a score per question with the checks' messages. Needs no gradebook.
+    python -m autograder check NOTEBOOK.ipynb [--json] [--quiet]
+        Learner side (also in the student package, autograder.student): run your notebook cell by cell in a
+        worker process as the grader does, call each task's *visible* checks on your functions, and print a
+        score per question with the checks' messages and a total (progress on stderr). Needs no gradebook.
+        ``--json`` prints the instructor's per-student JSON (status, reason, score, max_score, items,
+        details) plus ``assignment`` and ``checks``.
 
     python -m autograder grade ASSIGNMENT SUBMITTED_DIR [--workers N] [--shard i/n] [--csv F] [--json F]
         Instructor side: grade ``SUBMITTED_DIR/<student>/<ASSIGNMENT>/<ASSIGNMENT>.ipynb`` (trusted engine:
@@ -65,28 +68,123 @@ def _assignment_for(nb_path: Path) -> Assignment:
 
 # ---- learner side --------------------------------------------------------------------------------------
 
-def check_notebook(path: Path, limits: Limits | None = None) -> dict:
-    """Grade one notebook as the instructor would; returns {assignment, status, reason, items}."""
+def reference_imports(nb, assignment: Assignment) -> dict[str, str]:
+    """{task function: the statement} for tasks whose last binding in the notebook, in cell order, is an
+    import from ``llmspace`` (``from llmspace.x import f``, ``import llmspace.x as m; f = m.f``) rather than
+    the learner's own ``def``. The graded library holds only the stub, so such a task is not implemented."""
+    import ast
+    tasks = {t.function for t in assignment.tasks}
+    bound: dict[str, str] = {}
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        try:
+            tree = ast.parse(cell.source)
+        except SyntaxError:
+            continue
+        modules = {}   # local alias -> llmspace module
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "llmspace":
+                for alias in node.names:
+                    if alias.name == "*":
+                        for t in tasks:
+                            bound[t] = f"from {node.module} import *"
+                    elif (alias.asname or alias.name) in tasks:
+                        bound[alias.asname or alias.name] = f"from {node.module} import {alias.name}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] == "llmspace":
+                        modules[alias.asname or alias.name.split(".")[0]] = alias.name
+            elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Attribute):
+                root = node.value
+                while isinstance(root, ast.Attribute):
+                    root = root.value
+                if isinstance(root, ast.Name) and (root.id in modules or root.id == "llmspace"):
+                    for target in node.targets:
+                        if isinstance(target, ast.Name) and target.id in tasks:
+                            bound[target.id] = ast.unparse(node)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in tasks:
+                bound.pop(node.name, None)
+    return bound
+
+
+def check_notebook(path: Path, limits: Limits | None = None, *, hidden: bool | None = None,
+                   progress=None) -> dict:
+    """Grade one notebook as the instructor would, without a gradebook.
+
+    ``hidden``: run the hidden cases too (default: when this installation has them, i.e. not in the student
+    package). Returns the instructor JSON of :meth:`Result.to_json` (status, reason, score, max_score, items,
+    details, tamper flags) plus ``assignment``, ``checks`` ("visible" or "visible+hidden") and ``cell_errors``.
+    A task whose function the notebook imports from llmspace fails with "task X imports the reference
+    implementation" rather than "not implemented"."""
+    import warnings
     assignment = _assignment_for(path)
-    result = grade_notebook(path, assignment, limits=limits)
-    items = {gid: {"score": i["score"], "max_score": i["max_score"], "status": i["status"],
-                   "message": i["message"]} for gid, i in result.items.items()}
-    return {"assignment": assignment.name, "status": result.status, "reason": result.reason, "items": items,
-            "cell_errors": result.cell_errors}
+    if hidden is None:
+        hidden = hidden_checks_available()
+    with warnings.catch_warnings():
+        # The learner runs their own code: no isolation needed, and saying so is no warning for them.
+        warnings.filterwarnings("ignore", message="sandbox degraded")
+        result = grade_notebook(path, assignment, limits=limits, hidden=hidden, progress=progress,
+                                isolate=None if hidden else False)
+    try:
+        import nbformat
+        imported = reference_imports(nbformat.read(path, as_version=4), assignment)
+    except Exception:  # noqa: BLE001 - an unreadable notebook is already reported by the result
+        imported = {}
+    for task in assignment.tasks:
+        item = result.items[assignment.grade_id(task.function)]
+        if task.function in imported and item["status"] != "passed":
+            item.update(status="failed", message=(
+                f"task {task.function} imports the reference implementation ({imported[task.function]}); "
+                f"the course library only has the stub: write the function in its cell"))
+        elif imported and "not implemented yet" in item["message"]:
+            item["message"] += (f" — it may call {', '.join(sorted(imported))}, which this notebook imports "
+                                f"from llmspace (only the stub is there)")
+    report = result.to_json()
+    report.update(assignment=assignment.name, checks="visible+hidden" if hidden else "visible",
+                  cell_errors=result.cell_errors)
+    return report
+
+
+def hidden_checks_available() -> bool:
+    """False in the student package, whose checks refuse ``hidden=True`` (autograder.student)."""
+    from autograder.checks import sparse
+    import inspect
+    return "hidden cases are not in the student package" not in inspect.getsource(sparse)
+
+
+class _Progress:
+    """One line per step on stderr (a notebook takes seconds to minutes: the learner sees it move)."""
+
+    def __init__(self, assignment: Assignment, stream=sys.stderr):
+        self.stream, self.n_tasks, self.done, self.t0 = stream, len(assignment.tasks), 0, time.monotonic()
+        self.name = assignment.name
+
+    def __call__(self, event: str, detail) -> None:
+        elapsed = time.monotonic() - self.t0
+        if event == "cell":
+            print(f"[{elapsed:5.1f}s] {self.name}: running cell {detail}", file=self.stream, flush=True)
+        elif event == "check":
+            self.done += 1
+            print(f"[{elapsed:5.1f}s] {self.name}: checking {detail} ({self.done}/{self.n_tasks})",
+                  file=self.stream, flush=True)
 
 
 def _print_table(report: dict) -> None:
-    items = report["items"]
-    width = max((len(k) for k in items), default=10)
-    print(f"{report['assignment']}: {report['status']}" + (f" ({report['reason']})" if report["reason"] else ""))
+    items = report["details"]
+    width = max([len(k) for k in items] + [len("total")])
+    reason = f" ({report['reason']})" if report["reason"] else ""
+    print(f"{report['assignment']}: {report['status']}{reason} — {report['checks']} checks")
+    print(f"  {'question':<{width}}  {'score':>7}  status")
     for gid, r in items.items():
-        print(f"  {gid:<{width}}  {r['score']:>3}/{r['max_score']:<3} {r['status']}")
+        print(f"  {gid:<{width}}  {r['score']:>3g}/{r['max_score']:<3g}  {r['status']}")
         for line in r["message"].splitlines():
-            print(f"  {'':<{width}}    {line}")
-    print(f"  {'total':<{width}}  {sum(r['score'] for r in items.values()):>3}/"
-          f"{sum(r['max_score'] for r in items.values())}")
+            print(f"  {'':<{width}}      {line}")
+    print(f"  {'total':<{width}}  {report['score']:>3g}/{report['max_score']:<3g}")
     for err in report.get("cell_errors", []):
         print(f"  note: {err}")
+    if report["checks"] == "visible":
+        print("  (visible checks only: the instructor also runs hidden cases, so the final score can be lower)")
 
 
 # ---- instructor side ---------------------------------------------------------------------------------
@@ -214,12 +312,34 @@ def grade(assignment_name: str, submitted: Path, csv_out: Path | None = None, js
     return results
 
 
+def _check_command(args) -> int:
+    """The learner's ``check``: visible checks, progress on stderr, a table (or JSON) on stdout."""
+    import warnings
+    if not args.notebook.is_file():
+        raise SystemExit(f"{args.notebook}: no such file")
+    warnings.simplefilter("ignore")  # the checks' and libraries' warnings are no news to the learner
+    assignment = _assignment_for(args.notebook)
+    progress = None if args.quiet else _Progress(assignment)
+    try:
+        report = check_notebook(args.notebook, hidden=False, progress=progress)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_table(report)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m autograder", description="llmspace autograder")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_check = sub.add_parser("check", help="check your own notebook (visible and hidden checks)")
+    p_check = sub.add_parser("check", help="check your own notebook (the visible checks)")
     p_check.add_argument("notebook", type=Path)
-    p_check.add_argument("--json", action="store_true", help="print {grade_id: {score, max_score, status, message}}")
+    p_check.add_argument("--json", action="store_true",
+                         help="print {assignment, status, reason, score, max_score, items, details, ...}")
+    p_check.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p_grade = sub.add_parser("grade", help="grade a folder of submissions into the gradebook")
     p_grade.add_argument("assignment")
     p_grade.add_argument("submitted", type=Path, help="folder laid out as <student>/<assignment>/<assignment>.ipynb")
@@ -231,14 +351,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "check":
-        if not args.notebook.is_file():
-            raise SystemExit(f"{args.notebook}: no such file")
-        report = check_notebook(args.notebook)
-        if args.json:
-            print(json.dumps(report["items"], indent=2))
-        else:
-            _print_table(report)
-        return 0
+        return _check_command(args)
     csv_out = args.csv or Path(f"{args.assignment}_grades.csv")
     results = grade(args.assignment, args.submitted, csv_out, args.json, course=args.course,
                     workers=args.workers, shard=args.shard, progress=sys.stderr.isatty())

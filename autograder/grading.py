@@ -221,12 +221,21 @@ def _update_in_place(arg, encoded) -> None:
 # ---- the grading loop ----------------------------------------------------------------------------------
 
 def _reference_cells(assignment: Assignment) -> dict:
-    nb = nbformat.read(notebook_path(assignment), as_version=4)
+    path = notebook_path(assignment)
+    if not path.exists():  # the student package ships only the locked setup cells (autograder.student)
+        packaged = json.loads((Path(__file__).parent / "locked_cells.json").read_text())[assignment.name]
+        return {gid: nbformat.v4.new_code_cell(source, metadata={"nbgrader": {"grade_id": gid, "locked": True}})
+                for gid, source in packaged.items()}
+    nb = nbformat.read(path, as_version=4)
     return {c.metadata["nbgrader"]["grade_id"]: c for c in nb.cells if "nbgrader" in c.metadata}
 
 
 def grade_notebook(path: Path, assignment: Assignment, *, limits: Limits | None = None, slot: int = 0,
-                   hide: tuple = (), isolate: bool | None = None) -> Result:
+                   hide: tuple = (), isolate: bool | None = None, hidden: bool = True,
+                   progress=None) -> Result:
+    """Grade one notebook. ``hidden=False`` runs the visible cases only (the learner's ``check``);
+    ``progress(event, detail)`` is called before each cell (``"cell"``, its index) and each check
+    (``"check"``, its grade_id) and after each check (``"checked"``, the item)."""
     nb, reason = preflight(path, assignment)
     if nb is None:
         return Result("invalid", reason, _empty_items(assignment, "invalid", reason))
@@ -260,9 +269,12 @@ def grade_notebook(path: Path, assignment: Assignment, *, limits: Limits | None 
         task = tasks[gid]
         check = getattr(checks, f"check_{task.function}")
         proxy = RemoteFunction(sandbox, task.function)
+        if progress:
+            progress("check", gid)
         try:
             check(proxy)
-            check(proxy, hidden=True)
+            if hidden:
+                check(proxy, hidden=True)
         except CheckFailed as failure:
             items[gid].update(score=0, status="failed", message=str(failure))
         except SandboxGone:
@@ -271,12 +283,16 @@ def grade_notebook(path: Path, assignment: Assignment, *, limits: Limits | None 
             items[gid].update(score=0, status="error", message=f"grader error: {type(exc).__name__}: {exc}")
         else:
             items[gid].update(score=task.points, status="passed", message="")
+        if progress:
+            progress("checked", items[gid])
 
     deferred = []
     try:
         with Sandbox(limits, slot=slot, hide=hide, isolate=isolate) as sandbox:
             for kind, payload, index in plan:
                 if kind == "run":
+                    if progress:
+                        progress("cell", index)
                     reply = sandbox.run_cell(payload)
                     if not reply.get("ok") and reply.get("error"):
                         err = reply["error"]

@@ -55,6 +55,8 @@ import cloudpickle
 
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = ROOT / "solutions" / "llmspace"
+if not LIBRARY.is_dir():  # the student package (autograder.student): its llmspace is already stubbed
+    LIBRARY = ROOT / "llmspace"
 MAX_REPLY_BYTES = 256 * 2**20
 SLOT_DIR = Path("/run/llmspace-sandbox")  # per slot: a lock file, the staging dir and the cgroups in use
 MAX_SLOTS = 32

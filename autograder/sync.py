@@ -100,6 +100,13 @@ def test_source(assignment: Assignment, task: Task) -> str:
     ])
 
 
+def install_note() -> str:
+    """The first cell's line saying how to get the course package (built by ``make student``)."""
+    from autograder.student import install_line, wheel_name
+    return (f"**Before you start:** download `{wheel_name()}` from the book next to this notebook and run "
+            f"`{install_line()}` once in a cell (then restart the kernel).")
+
+
 def build_notebook(assignment: Assignment) -> nbformat.NotebookNode:
     module = importlib.import_module(assignment.module)
     checks = importlib.import_module(f"autograder.checks.{assignment.topic}")
@@ -113,7 +120,10 @@ def build_notebook(assignment: Assignment) -> nbformat.NotebookNode:
         if isinstance(item, Markdown):
             n_md += 1
             gid = f"{assignment.prefix}_md{n_md:02d}"
-            cells.append(nbformat.v4.new_markdown_cell(item.text.rstrip("\n"), id=gid.replace("_", "-"),
+            text = item.text.rstrip("\n")
+            if n_md == 1:
+                text += "\n\n" + install_note()
+            cells.append(nbformat.v4.new_markdown_cell(text, id=gid.replace("_", "-"),
                                                        metadata=_locked(gid)))
             if n_md == 1:  # setup right after the title
                 gid = f"{assignment.prefix}_setup"

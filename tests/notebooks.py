@@ -20,3 +20,22 @@ def with_answers(nb, prefix: str, answers: dict) -> nbformat.NotebookNode:
         source = re.sub(r"^def \w+\(", f"def {function}(", source, count=1, flags=re.M)
         cells[f"{prefix}_{function}"].source = source
     return nb
+
+
+def release_all(course, source, assignments):
+    """Release every assignment with nbgrader's own ``generate_assignment``, in this process (one nbgrader
+    import for all of them); returns ``course/release``."""
+    import shutil
+
+    from nbgrader.apps import NbGraderAPI
+    from traitlets.config.loader import PyFileConfigLoader
+    shutil.copy(source / "nbgrader_config.py", course)
+    shutil.copytree(source / "source", course / "source")
+    config = PyFileConfigLoader("nbgrader_config.py", str(course)).load_config()
+    config.CourseDirectory.root = str(course)
+    config.CourseDirectory.db_url = f"sqlite:///{course}/gradebook.db"
+    api = NbGraderAPI(config=config)
+    for a in assignments:
+        done = api.generate_assignment(a.name, force=True)
+        assert done["success"], done.get("error")
+    return course / "release"

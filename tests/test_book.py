@@ -112,3 +112,25 @@ def test_interview_index_links_resolve(site, page):
     anchor = target.split("#", 1)[1]
     assert page.locator(f"[id='{anchor}']").count() == 1
     assert not page.console_errors, page.console_errors
+
+
+def test_every_chapter_offers_the_student_wheel_beside_its_notebook():
+    """Each chapter links its exercise notebook and the student package (`make student`, built by `make
+    book`); the linked file is that wheel, with the stubbed library and without the answers' fixtures."""
+    import re
+    import zipfile
+
+    from autograder.student import wheel_name
+    _require((HTML / "index.html").exists(), "book not built: run `make book` first")
+    chapters = sorted((HTML / "book").glob("0*/index.html"))
+    assert chapters
+    for chapter in chapters:
+        text = chapter.read_text()
+        notebooks = re.findall(r'href="([^"]+\.ipynb)"', text)
+        wheels = re.findall(rf'href="([^"]+/{re.escape(wheel_name())})"', text)
+        assert notebooks and wheels, chapter
+        path = (chapter.parent / wheels[0]).resolve()
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+        assert "llmspace/sparse.py" in names and "autograder/checks/sparse.py" in names
+        assert not any("fixtures" in n for n in names)

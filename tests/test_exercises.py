@@ -34,10 +34,10 @@ def released(tmp_path_factory):
 def test_reference_notebook_scores_full_marks(assignment, tmp_path):
     path = tmp_path / f"{assignment.name}.ipynb"
     shutil.copy(notebook_path(assignment), path)
-    report = cli.check_notebook(path)
-    failed = {k: v["message"] for k, v in report["items"].items() if v["status"] != "passed"}
+    report = cli.check_notebook(path, hidden=True)
+    failed = {k: v["message"] for k, v in report["details"].items() if v["status"] != "passed"}
     assert not failed
-    assert sum(v["score"] for v in report["items"].values()) == assignment.max_score
+    assert sum(v["score"] for v in report["details"].values()) == assignment.max_score
 
 
 @pytest.mark.parametrize("assignment", ASSIGNMENTS, ids=lambda a: a.name)
@@ -48,6 +48,6 @@ def test_untouched_release_scores_zero(assignment, released, tmp_path):
     assert solutions and all("raise NotImplementedError()" in c.source for c in solutions)
     path = tmp_path / release.name
     shutil.copy(release, path)
-    report = cli.check_notebook(path)
-    assert sum(v["score"] for v in report["items"].values()) == 0
-    assert all("not implemented yet" in v["message"] for v in report["items"].values())
+    report = cli.check_notebook(path, hidden=True)
+    assert sum(v["score"] for v in report["details"].values()) == 0
+    assert all("not implemented yet" in v["message"] for v in report["details"].values())

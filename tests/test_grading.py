@@ -120,8 +120,8 @@ def test_learner_check_agrees_with_grader(graded, notebooks, tmp_path):
         path = tmp_path / student / f"{NAME}.ipynb"
         path.parent.mkdir()
         nbformat.write(notebooks[student], path)
-        report = cli.check_notebook(path)
-        assert {k: float(v["score"]) for k, v in report["items"].items()} == results[student]["items"], student
+        report = cli.check_notebook(path, hidden=True)
+        assert {k: float(v["score"]) for k, v in report["details"].items()} == results[student]["items"], student
 
 
 def test_check_cli_json_and_messages(notebooks, tmp_path):
@@ -130,7 +130,10 @@ def test_check_cli_json_and_messages(notebooks, tmp_path):
     out = subprocess.run([sys.executable, "-m", "autograder", "check", str(path), "--json"],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    items = json.loads(out.stdout)
+    report = json.loads(out.stdout)
+    assert report["checks"] == "visible" and report["status"] == "graded"
+    assert report["score"] == sum(report["items"].values()) and report["max_score"] == 13
+    items = report["details"]
     assert items["ex01_matrix_vector_multiply"]["status"] == "failed"
     assert "must return a list, got dict" in items["ex01_matrix_vector_multiply"]["message"]
     assert items["ex01_csr_matvec"] == {"score": 3, "max_score": 3, "status": "passed", "message": ""}
