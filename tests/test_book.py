@@ -112,3 +112,89 @@ def test_interview_index_links_resolve(site, page):
     anchor = target.split("#", 1)[1]
     assert page.locator(f"[id='{anchor}']").count() == 1
     assert not page.console_errors, page.console_errors
+
+
+# ------------------------------------------------------------------------------------------------
+# The memory calculator's JavaScript is a port of llmspace.memory: the Python estimator is the contract
+# ------------------------------------------------------------------------------------------------
+
+MEMCALC_JS = ROOT / "book" / "_static" / "memcalc.js"
+
+
+def _random_config(rng):
+    from llmspace.memory import TransformerConfig
+    n_heads = rng.choice([1, 2, 3, 4, 6, 8, 9, 12, 16])
+    kv = rng.choice([k for k in range(1, n_heads + 1) if n_heads % k == 0])
+    attention = rng.choice(["sdpa", "math"])
+    if attention == "math":
+        kv = n_heads
+    return TransformerConfig(vocab_size=rng.randint(1, 70000), d_model=n_heads * rng.randint(1, 96),
+                             n_layers=rng.randint(1, 12), n_heads=n_heads, d_ff=rng.randint(1, 3000),
+                             max_seq_len=rng.randint(1, 9000), n_kv_heads=rng.choice([None, kv]),
+                             norm=rng.choice(["layernorm", "rmsnorm"]), mlp=rng.choice(["gelu", "swiglu"]),
+                             bias=rng.random() < 0.5, learned_positions=rng.random() < 0.5,
+                             tie_embeddings=rng.random() < 0.5, attention=attention)
+
+
+def _js_config(config):
+    import dataclasses
+    return dataclasses.asdict(config)
+
+
+def test_memcalc_presets_match_the_books_shapes(browser):
+    """The page's Llama-2 presets are the estimator's LLAMA2_7B / LLAMA2_70B, field by field."""
+    from llmspace.memory import LLAMA2_7B, LLAMA2_70B
+    page = browser.new_page()
+    page.add_script_tag(content=MEMCALC_JS.read_text())
+    presets = page.evaluate("window.llmspaceMemory.PRESETS")
+    page.close()
+    for name, config in (("Llama-2-7B", LLAMA2_7B), ("Llama-2-70B", LLAMA2_70B)):
+        assert presets[name] == _js_config(config), name
+
+
+def test_memcalc_matches_python(browser):
+    """300 random configurations (shapes, policies, optimizers, ZeRO stages, ranks, batch, checkpointing,
+    KV and weight dtypes) plus the presets: every byte count of the page equals the Python estimator's."""
+    import random
+
+    from llmspace.kv_cache import kv_cache_bytes
+    from llmspace.memory import (OPTIMIZER_STATE_BYTES, PRECISION_POLICIES, count_parameters,
+                                 estimate_training_memory)
+    page = browser.new_page()
+    page.add_script_tag(content=MEMCALC_JS.read_text())
+    presets = page.evaluate("window.llmspaceMemory.PRESETS")
+    from llmspace.memory import TransformerConfig
+    rng = random.Random(0)
+    cases, expected = [], []
+    configs = [TransformerConfig(**p) for p in presets.values()] + [_random_config(rng) for _ in range(300)]
+    for i, config in enumerate(configs):
+        big = i < len(presets)
+        o = {"policy": rng.choice(sorted(PRECISION_POLICIES)),
+             "optimizer": rng.choice([None, *sorted(OPTIMIZER_STATE_BYTES)]),
+             "zero_stage": rng.randint(0, 3), "world_size": rng.choice([1, 2, 3, 7, 8, 64, 1000]),
+             "batch_size": rng.randint(1, 64 if big else 16), "seq_len": rng.randint(1, 32768 if big else 2048),
+             "activation_dtype_bytes": rng.choice([1, 2, 4]),
+             "checkpoint_segments": rng.choice([None, rng.randint(1, config.n_layers)])}
+        inf = {"weight_dtype_bytes": rng.choice([4, 2, 1, 0.5]), "kv_dtype_bytes": rng.choice([4, 2, 1, 0.5]),
+               "batch_size": rng.randint(1, 256), "seq_len": rng.randint(1, 131072)}
+        train = estimate_training_memory(config, o["batch_size"], o["seq_len"], policy=o["policy"],
+                                         optimizer=o["optimizer"], activation_dtype_bytes=o["activation_dtype_bytes"],
+                                         zero_stage=o["zero_stage"], world_size=o["world_size"],
+                                         checkpoint_segments=o["checkpoint_segments"])
+        n = count_parameters(config)
+        expected.append({"params": train.params, "grads": train.grads, "master": train.master,
+                         "optimizer": train.optimizer, "activations": train.activations,
+                         "weights": -(-n * inf["weight_dtype_bytes"] // 1) if inf["weight_dtype_bytes"] != 0.5 else -(-n // 2),
+                         "kv_cache": kv_cache_bytes(config, inf["batch_size"], inf["seq_len"], inf["kv_dtype_bytes"]),
+                         "n_params": n})
+        cases.append({"config": _js_config(config), "train": o, "infer": inf})
+    got = page.evaluate("""cases => cases.map(({config, train, infer}) => {
+        const m = window.llmspaceMemory, t = m.estimateTraining(config, train), i = m.estimateInference(config, infer);
+        const out = {n_params: m.countParameters(config).toString()};
+        for (const [k, v] of Object.entries({...t, ...i})) out[k] = v.toString();
+        return out; })""", cases)
+    page.close()
+    assert len(got) == len(expected) == len(presets) + 300
+    for case, g, e in zip(cases, got, expected):
+        assert {k: int(v) for k, v in g.items()} == {k: int(v) for k, v in e.items()}, case
+    assert max(e["activations"] for e in expected) > 2 ** 53  # the BigInt path is exercised
