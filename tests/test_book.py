@@ -203,3 +203,96 @@ def test_memcalc_matches_python(browser):
     for case, g, e in zip(cases, got, expected):
         assert {k: int(v) for k, v in g.items()} == {k: int(v) for k, v in e.items()}, case
     assert max(e["activations"] for e in expected) > 2 ** 53  # the BigInt path is exercised
+
+
+# ------------------------------------------------------------------------------------------------
+# The pages' tools: interview drill, memory calculator, API reference, theme settings
+# ------------------------------------------------------------------------------------------------
+
+def _shown(page) -> int:
+    return page.locator("details.iq-item:visible").count()
+
+
+def test_interview_drill_filters_random_and_reveal(site, page):
+    page.goto(f"{site}/book/interview.html")
+    total = page.locator("details.iq-item").count()
+    assert total >= 60 and _shown(page) == total
+    assert page.locator(".iq-count").inner_text() == f"{total} of {total} shown"
+    topics = page.locator(".iq-drill select[name=topic] option").all_inner_texts()
+    assert 8 <= len(topics) - 1 <= 10, topics               # a small fixed topic set ("all" + topics)
+    page.select_option(".iq-drill select[name=level]", "hard")
+    hard = _shown(page)
+    assert 0 < hard < total and hard == page.locator("details.iq-level-hard").count()
+    assert page.locator(".iq-count").inner_text() == f"{hard} of {total} shown"
+    assert "level=hard" in page.url
+    page.select_option(".iq-drill select[name=chapter]", "3")
+    both = _shown(page)
+    assert 0 < both < hard and both == page.locator("details.iq-level-hard.iq-chapter-3").count()
+    page.select_option(".iq-drill select[name=level]", "")
+    page.select_option(".iq-drill select[name=chapter]", "")
+    page.select_option(".iq-drill select[name=topic]", "quantization")
+    quant = _shown(page)
+    assert 0 < quant < total and quant == page.locator("details.iq-topic-quantization").count()
+    for _ in range(10):                                       # the random pick is always a visible question
+        page.click(".iq-drill button[name=random]")
+        picked = page.locator("details.iq-picked")
+        assert picked.count() == 1 and picked.is_visible()
+        assert "iq-topic-quantization" in picked.get_attribute("class")
+        assert picked.get_attribute("open") is None          # the answer stays hidden until asked for
+    page.click(".iq-drill button[name=reveal]")
+    assert page.locator("details.iq-item[open]").count() == quant
+    assert page.locator("details.iq-item[open] .sd-summary-content:visible").count() == quant
+    page.click(".iq-drill button[name=hide]")
+    assert page.locator("details.iq-item[open]").count() == 0
+    back = page.locator("details.iq-item:not([hidden]) a.reference.internal[href*='#iq-']").first
+    page.goto(f"{site}/book/{back.get_attribute('href')}")    # each question links back to its section
+    assert page.locator(f"[id='{back.get_attribute('href').split('#', 1)[1]}']").count() == 1
+    page.goto(f"{site}/book/interview.html#level=easy")       # a drill can be linked
+    assert _shown(page) == page.locator("details.iq-level-easy").count() < total
+    assert not page.console_errors, page.console_errors
+    assert not page.foreign_requests, page.foreign_requests
+
+
+def test_memory_calculator_page(site, page):
+    page.goto(f"{site}/book/memory-calculator.html")
+    page.wait_for_selector(".memcalc-out svg rect[data-term=activations]")
+    assert page.locator(".memcalc select[name=preset] option").count() == 7   # 6 presets + custom
+    total = int(page.locator(".memcalc-out").get_attribute("data-train-total"))
+    page.fill(".memcalc input[name=world_size]", "64")          # ZeRO-3 over more ranks: less per GPU
+    page.dispatch_event(".memcalc input[name=world_size]", "input")
+    assert int(page.locator(".memcalc-out").get_attribute("data-train-total")) < total
+    page.select_option(".memcalc select[name=preset]", "custom")
+    assert page.locator(".memcalc input[name=d_model]").is_enabled()
+    page.fill(".memcalc input[name=n_heads]", "31")             # 4096 % 31 != 0: a clear error, no bars
+    page.dispatch_event(".memcalc input[name=n_heads]", "input")
+    assert "divisible" in page.locator(".memcalc-error").inner_text()
+    assert not page.console_errors, page.console_errors
+    assert not page.foreign_requests, page.foreign_requests
+
+
+def test_api_reference_and_source_pages(site, page):
+    page.goto(f"{site}/book/api.html")
+    modules = page.locator("main table.autosummary a.reference.internal")
+    assert modules.count() >= 13
+    page.goto(f"{site}/book/api/memory.html")
+    assert page.locator("dt[id='llmspace.memory.estimate_training_memory']").count() == 1
+    assert page.locator("dl.field-list dt", has_text="Parameters").count() >= 1   # napoleon's Args
+    page.locator("a:has(span.viewcode-link)").first.click()      # [source]: highlighted, offline
+    page.wait_for_load_state("load")
+    assert "_modules/llmspace" in page.url and page.locator("div.highlight").count() >= 1
+    assert not page.console_errors, page.console_errors
+    assert not page.foreign_requests, page.foreign_requests
+
+
+def test_theme_settings(site, page):
+    page.goto(f"{site}/book/grading.html")
+    assert page.locator("html").get_attribute("data-mode") == "auto"        # follows the system setting
+    assert page.locator("script[src*='mathjax']").count() == 0              # no math on this page
+    assert page.locator("meta[property='og:title']").count() == 1
+    assert page.locator("meta[property='og:description']").count() == 1
+    assert page.locator("link[rel='icon']").count() >= 1
+    search = page.locator(".search-button-field:visible, .search-button:visible")
+    assert search.count() == 1, search.count()                                # one search box
+    page.goto(f"{site}/book/03-quantization/index.html")
+    assert page.locator("script[src*='mathjax']").count() >= 1
+    assert not page.console_errors, page.console_errors
