@@ -244,9 +244,9 @@ def test_interview_drill_filters_random_and_reveal(site, page):
     assert page.locator("details.iq-item[open] .sd-summary-content:visible").count() == quant
     page.click(".iq-drill button[name=hide]")
     assert page.locator("details.iq-item[open]").count() == 0
-    back = page.locator("details.iq-item:not([hidden]) a.reference.internal[href*='#iq-']").first
-    page.goto(f"{site}/book/{back.get_attribute('href')}")    # each question links back to its section
-    assert page.locator(f"[id='{back.get_attribute('href').split('#', 1)[1]}']").count() == 1
+    back = page.locator("details.iq-item:not([hidden]) a.reference.internal[href*='#iq-']").first.get_attribute("href")
+    page.goto(f"{site}/book/{back}")                          # each question links back to its section
+    assert page.locator(f"[id='{back.split('#', 1)[1]}']").count() == 1
     page.goto(f"{site}/book/interview.html#level=easy")       # a drill can be linked
     assert _shown(page) == page.locator("details.iq-level-easy").count() < total
     assert not page.console_errors, page.console_errors
