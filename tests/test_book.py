@@ -134,3 +134,187 @@ def test_every_chapter_offers_the_student_wheel_beside_its_notebook():
             names = zf.namelist()
         assert "llmspace/sparse.py" in names and "autograder/checks/sparse.py" in names
         assert not any("fixtures" in n for n in names)
+
+
+# ------------------------------------------------------------------------------------------------
+# The memory calculator's JavaScript is a port of llmspace.memory: the Python estimator is the contract
+# ------------------------------------------------------------------------------------------------
+
+MEMCALC_JS = ROOT / "book" / "_static" / "memcalc.js"
+
+
+def _random_config(rng):
+    from llmspace.memory import TransformerConfig
+    n_heads = rng.choice([1, 2, 3, 4, 6, 8, 9, 12, 16])
+    kv = rng.choice([k for k in range(1, n_heads + 1) if n_heads % k == 0])
+    attention = rng.choice(["sdpa", "math"])
+    if attention == "math":
+        kv = n_heads
+    return TransformerConfig(vocab_size=rng.randint(1, 70000), d_model=n_heads * rng.randint(1, 96),
+                             n_layers=rng.randint(1, 12), n_heads=n_heads, d_ff=rng.randint(1, 3000),
+                             max_seq_len=rng.randint(1, 9000), n_kv_heads=rng.choice([None, kv]),
+                             norm=rng.choice(["layernorm", "rmsnorm"]), mlp=rng.choice(["gelu", "swiglu"]),
+                             bias=rng.random() < 0.5, learned_positions=rng.random() < 0.5,
+                             tie_embeddings=rng.random() < 0.5, attention=attention)
+
+
+def _js_config(config):
+    import dataclasses
+    return dataclasses.asdict(config)
+
+
+def test_memcalc_presets_match_the_books_shapes(browser):
+    """The page's Llama-2 presets are the estimator's LLAMA2_7B / LLAMA2_70B, field by field."""
+    from llmspace.memory import LLAMA2_7B, LLAMA2_70B
+    page = browser.new_page()
+    page.add_script_tag(content=MEMCALC_JS.read_text())
+    presets = page.evaluate("window.llmspaceMemory.PRESETS")
+    page.close()
+    for name, config in (("Llama-2-7B", LLAMA2_7B), ("Llama-2-70B", LLAMA2_70B)):
+        assert presets[name] == _js_config(config), name
+
+
+def test_memcalc_matches_python(browser):
+    """300 random configurations (shapes, policies, optimizers, ZeRO stages, ranks, batch, checkpointing,
+    KV and weight dtypes) plus the presets: every byte count of the page equals the Python estimator's."""
+    import random
+
+    from llmspace.kv_cache import kv_cache_bytes
+    from llmspace.memory import (OPTIMIZER_STATE_BYTES, PRECISION_POLICIES, count_parameters,
+                                 estimate_training_memory)
+    page = browser.new_page()
+    page.add_script_tag(content=MEMCALC_JS.read_text())
+    presets = page.evaluate("window.llmspaceMemory.PRESETS")
+    from llmspace.memory import TransformerConfig
+    rng = random.Random(0)
+    cases, expected = [], []
+    configs = [TransformerConfig(**p) for p in presets.values()] + [_random_config(rng) for _ in range(300)]
+    # past 2**53 bytes (doubles lose integers there): explicit softmax at 128k context, batch 256
+    huge = dict(presets["Llama-2-7B"], attention="math")
+    configs.append(TransformerConfig(**huge))
+    for i, config in enumerate(configs):
+        big = i < len(presets)
+        o = {"policy": rng.choice(sorted(PRECISION_POLICIES)),
+             "optimizer": rng.choice([None, *sorted(OPTIMIZER_STATE_BYTES)]),
+             "zero_stage": rng.randint(0, 3), "world_size": rng.choice([1, 2, 3, 7, 8, 64, 1000]),
+             "batch_size": rng.randint(1, 64 if big else 16), "seq_len": rng.randint(1, 32768 if big else 2048),
+             "activation_dtype_bytes": rng.choice([1, 2, 4]),
+             "checkpoint_segments": rng.choice([None, rng.randint(1, config.n_layers)])}
+        if i == len(configs) - 1:
+            o.update(batch_size=256, seq_len=131072, activation_dtype_bytes=4, checkpoint_segments=None)
+        inf = {"weight_dtype_bytes": rng.choice([4, 2, 1, 0.5]), "kv_dtype_bytes": rng.choice([4, 2, 1, 0.5]),
+               "batch_size": rng.randint(1, 256), "seq_len": rng.randint(1, 131072)}
+        train = estimate_training_memory(config, o["batch_size"], o["seq_len"], policy=o["policy"],
+                                         optimizer=o["optimizer"], activation_dtype_bytes=o["activation_dtype_bytes"],
+                                         zero_stage=o["zero_stage"], world_size=o["world_size"],
+                                         checkpoint_segments=o["checkpoint_segments"])
+        n = count_parameters(config)
+        expected.append({"params": train.params, "grads": train.grads, "master": train.master,
+                         "optimizer": train.optimizer, "activations": train.activations,
+                         "weights": -(-n * inf["weight_dtype_bytes"] // 1) if inf["weight_dtype_bytes"] != 0.5 else -(-n // 2),
+                         "kv_cache": kv_cache_bytes(config, inf["batch_size"], inf["seq_len"], inf["kv_dtype_bytes"]),
+                         "n_params": n})
+        cases.append({"config": _js_config(config), "train": o, "infer": inf})
+    got = page.evaluate("""cases => cases.map(({config, train, infer}) => {
+        const m = window.llmspaceMemory, t = m.estimateTraining(config, train), i = m.estimateInference(config, infer);
+        const out = {n_params: m.countParameters(config).toString()};
+        for (const [k, v] of Object.entries({...t, ...i})) out[k] = v.toString();
+        return out; })""", cases)
+    page.close()
+    assert len(got) == len(expected) == len(presets) + 301
+    for case, g, e in zip(cases, got, expected):
+        assert {k: int(v) for k, v in g.items()} == {k: int(v) for k, v in e.items()}, case
+    assert max(e["activations"] for e in expected) > 2 ** 53  # the BigInt path is exercised
+
+
+# ------------------------------------------------------------------------------------------------
+# The pages' tools: interview drill, memory calculator, API reference, theme settings
+# ------------------------------------------------------------------------------------------------
+
+def _shown(page) -> int:
+    return page.locator("details.iq-item:visible").count()
+
+
+def test_interview_drill_filters_random_and_reveal(site, page):
+    page.goto(f"{site}/book/interview.html")
+    total = page.locator("details.iq-item").count()
+    assert total >= 60 and _shown(page) == total
+    assert page.locator(".iq-count").inner_text() == f"{total} of {total} shown"
+    topics = page.locator(".iq-drill select[name=topic] option").all_inner_texts()
+    assert 8 <= len(topics) - 1 <= 10, topics               # a small fixed topic set ("all" + topics)
+    page.select_option(".iq-drill select[name=level]", "hard")
+    hard = _shown(page)
+    assert 0 < hard < total and hard == page.locator("details.iq-level-hard").count()
+    assert page.locator(".iq-count").inner_text() == f"{hard} of {total} shown"
+    assert "level=hard" in page.url
+    page.select_option(".iq-drill select[name=chapter]", "3")
+    both = _shown(page)
+    assert 0 < both < hard and both == page.locator("details.iq-level-hard.iq-chapter-3").count()
+    page.select_option(".iq-drill select[name=level]", "")
+    page.select_option(".iq-drill select[name=chapter]", "")
+    page.select_option(".iq-drill select[name=topic]", "quantization")
+    quant = _shown(page)
+    assert 0 < quant < total and quant == page.locator("details.iq-topic-quantization").count()
+    for _ in range(10):                                       # the random pick is always a visible question
+        page.click(".iq-drill button[name=random]")
+        picked = page.locator("details.iq-picked")
+        assert picked.count() == 1 and picked.is_visible()
+        assert "iq-topic-quantization" in picked.get_attribute("class")
+        assert picked.get_attribute("open") is None          # the answer stays hidden until asked for
+    page.click(".iq-drill button[name=reveal]")
+    assert page.locator("details.iq-item[open]").count() == quant
+    assert page.locator("details.iq-item[open] .sd-summary-content:visible").count() == quant
+    page.click(".iq-drill button[name=hide]")
+    assert page.locator("details.iq-item[open]").count() == 0
+    back = page.locator("details.iq-item:not([hidden]) a.reference.internal[href*='#iq-']").first.get_attribute("href")
+    page.goto(f"{site}/book/{back}")                          # each question links back to its section
+    assert page.locator(f"[id='{back.split('#', 1)[1]}']").count() == 1
+    page.goto(f"{site}/book/interview.html#level=easy")       # a drill can be linked
+    assert _shown(page) == page.locator("details.iq-level-easy").count() < total
+    assert not page.console_errors, page.console_errors
+    assert not page.foreign_requests, page.foreign_requests
+
+
+def test_memory_calculator_page(site, page):
+    page.goto(f"{site}/book/memory-calculator.html")
+    page.wait_for_selector(".memcalc-out svg rect[data-term=activations]")
+    assert page.locator(".memcalc select[name=preset] option").count() == 7   # 6 presets + custom
+    total = int(page.locator(".memcalc-out").get_attribute("data-train-total"))
+    page.fill(".memcalc input[name=world_size]", "64")          # ZeRO-3 over more ranks: less per GPU
+    page.dispatch_event(".memcalc input[name=world_size]", "input")
+    assert int(page.locator(".memcalc-out").get_attribute("data-train-total")) < total
+    page.select_option(".memcalc select[name=preset]", "custom")
+    assert page.locator(".memcalc input[name=d_model]").is_enabled()
+    page.fill(".memcalc input[name=n_heads]", "31")             # 4096 % 31 != 0: a clear error, no bars
+    page.dispatch_event(".memcalc input[name=n_heads]", "input")
+    assert "divisible" in page.locator(".memcalc-error").inner_text()
+    assert not page.console_errors, page.console_errors
+    assert not page.foreign_requests, page.foreign_requests
+
+
+def test_api_reference_and_source_pages(site, page):
+    page.goto(f"{site}/book/api.html")
+    modules = page.locator("main table.autosummary a.reference.internal")
+    assert modules.count() >= 13
+    page.goto(f"{site}/book/api/memory.html")
+    assert page.locator("dt[id='llmspace.memory.estimate_training_memory']").count() == 1
+    assert page.locator("dl.field-list dt", has_text="Parameters").count() >= 1   # napoleon's Args
+    page.locator("a:has(span.viewcode-link)").first.click()      # [source]: highlighted, offline
+    page.wait_for_load_state("load")
+    assert "_modules/llmspace" in page.url and page.locator("div.highlight").count() >= 1
+    assert not page.console_errors, page.console_errors
+    assert not page.foreign_requests, page.foreign_requests
+
+
+def test_theme_settings(site, page):
+    page.goto(f"{site}/book/grading.html")
+    assert page.locator("html").get_attribute("data-mode") == "auto"        # follows the system setting
+    assert page.locator("script[src*='mathjax']").count() == 0              # no math on this page
+    assert page.locator("meta[property='og:title']").count() == 1
+    assert page.locator("meta[property='og:description']").count() == 1
+    assert page.locator("link[rel='icon']").count() >= 1
+    search = page.locator(".search-button-field:visible, .search-button:visible")
+    assert search.count() == 1, search.count()                                # one search box
+    page.goto(f"{site}/book/03-quantization/index.html")
+    assert page.locator("script[src*='mathjax']").count() >= 1
+    assert not page.console_errors, page.console_errors

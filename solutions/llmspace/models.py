@@ -68,7 +68,7 @@ def load_corpus() -> dict:
     """Bytes of the corpus, split by file (a file is wholly train or wholly validation).
 
     Returns:
-        ``{"train": uint8 tensor (n_train,), "validation": uint8 tensor (n_val,), "sha256": hex digest
+        dict: ``{"train": uint8 tensor (n_train,), "validation": uint8 tensor (n_val,), "sha256": hex digest
         over (name, bytes) of every file in order, "files": {"train": [...], "validation": [...]}}``.
         Files are concatenated in sorted order, each followed by one ``\\0`` byte as a separator.
     """
@@ -330,7 +330,7 @@ def embedding_fidelity(reference_embeddings: torch.Tensor, embeddings: torch.Ten
         k: neighbours compared for retrieval.
 
     Returns:
-        ``{"mean_cosine": mean_i cos(ref_i, emb_i), "min_cosine": ..., "topk_agreement": mean over
+        dict: ``{"mean_cosine": mean_i cos(ref_i, emb_i), "min_cosine": ..., "topk_agreement": mean over
         queries of |top-k_ref ∩ top-k_emb| / k, "top1_agreement": fraction of queries whose nearest
         neighbour is unchanged}``. Neighbours are by cosine similarity among the other sentences (each
         sentence is a query against the rest).

@@ -333,8 +333,9 @@ def llm_int8_matmul(x: torch.Tensor, weight: torch.Tensor, threshold: float = 6.
     """``x @ weight.T`` the LLM.int8 way.
 
     Args:
-        x: ``(N, K)`` activations. weight: ``(M, K)`` (``nn.Linear`` layout). threshold: a feature
-        (column of ``x``) is an outlier if any ``|x[:, k]| > threshold``.
+        x: ``(N, K)`` activations.
+        weight: ``(M, K)`` (``nn.Linear`` layout).
+        threshold: a feature (column of ``x``) is an outlier if any ``|x[:, k]| > threshold``.
 
     Returns:
         ``(N, M)`` float32 (whatever the input dtype): the outlier columns multiplied in fp16, plus the
