@@ -39,6 +39,10 @@ class DecodeError(Exception):
     """The sandbox sent something that is not a value of an allowed type (or too much of it)."""
 
 
+class TooLarge(DecodeError):
+    """A reply or value beyond the bounds (elements, bytes)."""
+
+
 class EncodeError(Exception):
     """A value of a type that cannot cross from the sandbox (e.g. an open file or a custom class)."""
 
@@ -129,7 +133,7 @@ def loads(payload: bytes, max_items: int = MAX_ITEMS):
     payload = bytes(payload)
     count = payload.count(b"[") + payload.count(b"{") + payload.count(b",")
     if count > max_items:
-        raise DecodeError(f"a reply of {len(payload)} bytes with up to {count} elements exceeds the limit of "
+        raise TooLarge(f"a reply of {len(payload)} bytes with up to {count} elements exceeds the limit of "
                           f"{max_items} elements")
     try:
         text = payload.decode("utf-8")
@@ -145,7 +149,7 @@ def _unb64(text) -> bytes:
     if not isinstance(text, str):
         raise DecodeError("expected base64 text")
     if len(text) > (MAX_ARRAY_BYTES + 2**20) * 4 // 3:
-        raise DecodeError(f"more than {MAX_ARRAY_BYTES} bytes of array data")
+        raise TooLarge(f"more than {MAX_ARRAY_BYTES} bytes of array data")
     try:
         return base64.b64decode(text.encode("ascii"), validate=True)
     except Exception as exc:  # noqa: BLE001
@@ -208,7 +212,7 @@ def decode(obj, depth: int = 0, budget: _Budget | None = None):
     depth, array sizes); an llmspace dataclass's own constructor may raise ``TypeError``/``ValueError``.
     """
     if budget is None:
-        budget = _Budget(MAX_ITEMS, DecodeError)
+        budget = _Budget(MAX_ITEMS, TooLarge)
     budget.take()
     if depth > MAX_DEPTH:
         raise DecodeError("value nested too deeply")
