@@ -650,34 +650,33 @@ def _grade_once(path: Path, assignment: Assignment, *, limits, slot, hide, isola
             items[gid].update(score=task.points, status="passed", message="")
 
     deferred = []
+    sandbox = Sandbox(limits, slot=slot, hide=hide, isolate=isolate)
+    with _ACTIVE_LOCK:
+        _ACTIVE.add(sandbox)   # before it starts: cancel_all() can kill a sandbox that is still starting
     try:
-        with Sandbox(limits, slot=slot, hide=hide, isolate=isolate) as sandbox:
-            with _ACTIVE_LOCK:
-                _ACTIVE.add(sandbox)
-            try:
+        if _CANCELLED.is_set():
+            raise Interrupted()
+        with sandbox:
+            for kind, payload, index in plan:
                 if _CANCELLED.is_set():
                     raise Interrupted()
-                for kind, payload, index in plan:
-                    if kind == "run":
-                        reply = sandbox.run_cell(payload)
-                        err = reply.get("error")
-                        if reply.get("ok") is not True and err:
-                            if not isinstance(err, dict):
-                                raise _malformed("'error' is not an object")
-                            result.cell_errors.append(
-                                f"cell {index}: {str(err.get('type'))[:100]}: {str(err.get('message'))[:300]}")
-                    elif sandbox.defined(tasks[payload].function):
-                        run_check(sandbox, payload)
-                    else:
-                        deferred.append(payload)   # test cell moved above its function: check at the end
-                for gid in deferred:
-                    run_check(sandbox, gid)
-                if sandbox.resource_events:
-                    result.status = "resource_exceeded"
-                    result.reason = "; ".join(sorted(set(sandbox.resource_events)))
-            finally:
-                with _ACTIVE_LOCK:
-                    _ACTIVE.discard(sandbox)
+                if kind == "run":
+                    reply = sandbox.run_cell(payload)
+                    err = reply.get("error")
+                    if reply.get("ok") is not True and err:
+                        if not isinstance(err, dict):
+                            raise _malformed("'error' is not an object")
+                        result.cell_errors.append(
+                            f"cell {index}: {str(err.get('type'))[:100]}: {str(err.get('message'))[:300]}")
+                elif sandbox.defined(tasks[payload].function):
+                    run_check(sandbox, payload)
+                else:
+                    deferred.append(payload)   # test cell moved above its function: check at the end
+            for gid in deferred:
+                run_check(sandbox, gid)
+            if sandbox.resource_events:
+                result.status = "resource_exceeded"
+                result.reason = "; ".join(sorted(set(sandbox.resource_events)))
     except SandboxGone as gone:
         if _CANCELLED.is_set():
             raise Interrupted() from None
@@ -685,6 +684,9 @@ def _grade_once(path: Path, assignment: Assignment, *, limits, slot, hide, isola
         for item in items.values():
             if item["status"] == "not_run":
                 item["message"] = f"not reached: {gone.reason}"
+    finally:
+        with _ACTIVE_LOCK:
+            _ACTIVE.discard(sandbox)
     if _CANCELLED.is_set():
         raise Interrupted()
     return result
