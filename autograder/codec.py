@@ -123,7 +123,7 @@ def encode(obj, depth: int = 0, budget: _Budget | None = None):
                       f"transferred to the grader")
 
 
-def loads(payload: bytes, max_items: int = MAX_ITEMS):
+def loads(payload: bytes, max_items: int = MAX_ITEMS, what: str = "a reply"):
     """Parse one reply frame (run in the trusted grader), refusing it *before* parsing when it holds more
     than ``max_items`` JSON elements: every element after the first starts after a ``[``, ``{`` or ``,``
     byte, so their count bounds the objects the parser would build (``,`` inside strings only make the
@@ -133,16 +133,16 @@ def loads(payload: bytes, max_items: int = MAX_ITEMS):
     payload = bytes(payload)
     count = payload.count(b"[") + payload.count(b"{") + payload.count(b",")
     if count > max_items:
-        raise TooLarge(f"a reply of {len(payload)} bytes with up to {count} elements exceeds the limit of "
-                          f"{max_items} elements")
+        raise TooLarge(f"{what} of {len(payload)} bytes with up to {count} elements (the limit is "
+                       f"{max_items} elements)")
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DecodeError(f"a reply that is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise DecodeError(f"{what} that is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise DecodeError(f"a malformed reply ({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise DecodeError(f"{what} that is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def _unb64(text) -> bytes:

@@ -231,11 +231,11 @@ def preflight(path: Path, assignment: Assignment) -> tuple[nbformat.NotebookNode
     if len(data) > MAX_NOTEBOOK_BYTES:
         return None, f"the notebook is over {MAX_NOTEBOOK_BYTES} bytes (clear large outputs)"
     try:
-        raw = codec.loads(data, max_items=MAX_NOTEBOOK_ITEMS)
+        raw = codec.loads(data, max_items=MAX_NOTEBOOK_ITEMS, what="a notebook")
     except codec.TooLarge:
         return None, f"the notebook has more than {MAX_NOTEBOOK_ITEMS} JSON elements (clear its outputs)"
     except codec.DecodeError as exc:
-        return None, f"not valid JSON: {str(exc).removeprefix('a ')}"
+        return None, f"not readable: {exc}"
     if not isinstance(raw, dict) or not isinstance(raw.get("cells", raw.get("worksheets")), list):
         return None, "not a Jupyter notebook (no list of 'cells')"
     major = raw.get("nbformat")
