@@ -483,14 +483,13 @@ def _with_cell(nb: dict, index: int, source: str) -> dict:
 
 @pytest.fixture(scope="module")
 def batch(course, tmp_path_factory):
-    """One batch, --workers 2: attacks on the grader interleaved with honest (blank) submissions."""
+    """One batch, --workers 2: attacks on the grader next to blank (honest, unanswered) submissions."""
     release = _release_nb(course)
     incoming = tmp_path_factory.mktemp("incoming")
     hostile = ("def csr_matvec(A, x):\n    raise ValueError('\\udce9" + CONTROL.encode("unicode_escape").decode()
                + "\\nalice  graded  13/13')\n")
     big = "".join(f"v{i} = {i}\n" for i in range(60_000))   # two large notebooks parsed at once (ast lock)
     notebooks = {
-        "honest": release,
         "big_a": _with_cell(_with_cell(release, 19, hostile), 2, big),
         "big_b": _with_cell(release, 2, big),
         "huge_reply": _with_cell(release, 4, "import sys\nsys.modules['codec'].encode = "
@@ -504,7 +503,7 @@ def batch(course, tmp_path_factory):
     }
     for student, nb in notebooks.items():
         _write(incoming / student / NAME / f"{NAME}.ipynb", nb)
-    _write(incoming / "honest\n" / NAME / f"{NAME}.ipynb", release)        # not a second "honest"
+    _write(incoming / "big_b\n" / NAME / f"{NAME}.ipynb", release)         # not a second "big_b"
     os.makedirs(os.fsencode(incoming) + b"/caf\xe9/" + NAME.encode())       # not UTF-8
     out = tmp_path_factory.mktemp("out")
     limits = Limits(cell_seconds=60, call_seconds=60, notebook_seconds=240)
@@ -517,8 +516,8 @@ def batch(course, tmp_path_factory):
 def test_no_student_ends_or_skews_the_batch(batch, course):
     results, out, seconds = batch
     status = {k: r["status"] for k, r in results.items()}
-    assert status["honest"] == status["big_b"] == status["big_a"] == "graded"
-    assert results["honest"]["score"] == 0 and results["honest"]["max_score"] == 13
+    assert status["big_b"] == status["big_a"] == "graded"    # blank answers, a large extra cell each
+    assert results["big_b"]["score"] == 0 and results["big_b"]["max_score"] == 13
     assert status["huge_reply"] == "resource_exceeded" and "elements" in results["huge_reply"]["reason"]
     assert status["malformed_reply"] == "kernel_died" and "malformed" in results["malformed_reply"]["reason"]
     for student in ("null_meta", "list_meta", "deep"):
@@ -526,7 +525,7 @@ def test_no_student_ends_or_skews_the_batch(batch, course):
     weird = [k for k in results if k.startswith("<invalid folder name")]
     assert len(weird) == 2 and all(results[k]["status"] == "invalid" for k in weird)
     assert any("\\x0a" in k for k in weird) and any("\ufffd" in k for k in weird)
-    assert len(results) == 11 and seconds < 600
+    assert len(results) == 9 and seconds < 600
 
 
 def test_outputs_are_sanitised_and_complete(batch, course):
@@ -536,7 +535,7 @@ def test_outputs_are_sanitised_and_complete(batch, course):
     text = (out / "g.csv").read_text(encoding="utf-8")
     assert "\x1b" not in text and "\r" not in text.replace("\r\n", "\n")
     rows = [r for r in text.splitlines()[1:] if r]
-    assert len(rows) == len(results) == 11          # one line per entry: no row drawn by a message
+    assert len(rows) == len(results) == 9          # one line per entry: no row drawn by a message
     assert set(json.loads((out / "g.json").read_text())) == set(results)
     page = (course / "feedback" / "big_a" / NAME / f"{NAME}.html").read_text(encoding="utf-8")
     assert "\x1b" not in page and "def csr_matvec" in page
@@ -544,7 +543,7 @@ def test_outputs_are_sanitised_and_complete(batch, course):
     with Gradebook(cli.gradebook_url(course)) as gb:
         ids = {s.id for s in gb.students}
     ran = {k for k in results if not k.startswith("<")}
-    assert ran <= ids and not any(i.startswith("honest") and i != "honest" for i in ids)
+    assert ran <= ids and not any(i.startswith("big_b") and i != "big_b" for i in ids)
 
 
 def test_ctrl_c_stops_grade_and_writes_what_it_has(course, tmp_path):
