@@ -377,6 +377,9 @@ def grade(assignment_name: str, submitted: Path, csv_out: Path | None = None, js
             bar.close()
         _write_outputs(assignment, dict(sorted(results.items())), csv_out, json_out)
     if interrupted.is_set():
+        written = ", ".join(str(p) for p in (csv_out, json_out) if p)
+        print(f"interrupted: {len(results)} of {len(students)} graded" + (f"; written to {written}" if written else ""),
+              file=sys.stderr)
         raise SystemExit(130)
     return dict(sorted(results.items()))
 

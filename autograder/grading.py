@@ -57,7 +57,7 @@ def sanitize(text, multiline: bool = True, limit: int | None = None) -> str:
     ``multiline`` keeps newlines and tabs; otherwise they are escaped too (one-line fields)."""
     if not isinstance(text, str):
         text = str(text)
-    if limit is not None and len(text) > limit:
+    if limit is not None and len(text) > limit + 40:   # + 40: sanitising twice keeps the first note
         text = text[:limit] + f"[... {len(text) - limit} more characters]"
     if text.isascii() and text.isprintable():
         return text

@@ -505,6 +505,9 @@ def batch(course, tmp_path_factory):
         _write(incoming / student / NAME / f"{NAME}.ipynb", nb)
     _write(incoming / "big_b\n" / NAME / f"{NAME}.ipynb", release)         # not a second "big_b"
     os.makedirs(os.fsencode(incoming) + b"/caf\xe9/" + NAME.encode())       # not UTF-8
+    badname = os.fsencode(incoming / "badname" / NAME)
+    os.makedirs(badname)
+    Path(os.fsdecode(badname + b"/ex01_sparse\xff\x1b[2J.ipynb")).write_text("{}")  # a near-miss, not UTF-8
     out = tmp_path_factory.mktemp("out")
     limits = Limits(cell_seconds=60, call_seconds=60, notebook_seconds=240)
     start = time.monotonic()
@@ -525,7 +528,8 @@ def test_no_student_ends_or_skews_the_batch(batch, course):
     weird = [k for k in results if k.startswith("<invalid folder name")]
     assert len(weird) == 2 and all(results[k]["status"] == "invalid" for k in weird)
     assert any("\\x0a" in k for k in weird) and any("\ufffd" in k for k in weird)
-    assert len(results) == 9 and seconds < 600
+    assert status["badname"] == "missing" and "\ufffd\\x1b[2J" in results["badname"]["reason"]
+    assert len(results) == 10 and seconds < 600
 
 
 def test_outputs_are_sanitised_and_complete(batch, course):
@@ -535,7 +539,7 @@ def test_outputs_are_sanitised_and_complete(batch, course):
     text = (out / "g.csv").read_text(encoding="utf-8")
     assert "\x1b" not in text and "\r" not in text.replace("\r\n", "\n")
     rows = [r for r in text.splitlines()[1:] if r]
-    assert len(rows) == len(results) == 9          # one line per entry: no row drawn by a message
+    assert len(rows) == len(results) == 10          # one line per entry: no row drawn by a message
     assert set(json.loads((out / "g.json").read_text())) == set(results)
     page = (course / "feedback" / "big_a" / NAME / f"{NAME}.html").read_text(encoding="utf-8")
     assert "\x1b" not in page and "def csr_matvec" in page
@@ -551,9 +555,9 @@ def test_ctrl_c_stops_grade_and_writes_what_it_has(course, tmp_path):
     (incoming / "a_missing" / NAME).mkdir(parents=True)
     _write(incoming / "z_hangs" / NAME / f"{NAME}.ipynb", _with_cell(_release_nb(course), 2, "while True:\n    pass"))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "solutions")]))
-    proc = subprocess.Popen([sys.executable, "-m", "autograder", "grade", NAME, str(incoming), "--course",
-                             str(course), "--workers", "1", "--csv", str(tmp_path / "g.csv")] + ([] if ISOLATED else ["--no-sandbox"]),
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "autograder", "grade", NAME, str(incoming), "--course", str(course),
+               "--workers", "1", "--csv", str(tmp_path / "g.csv")] + ([] if ISOLATED else ["--no-sandbox"])
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not _sandbox_started(proc.pid):
         time.sleep(0.2)
