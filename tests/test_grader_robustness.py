@@ -3,7 +3,8 @@ the gradebook/feedback instructors get (issue 14 item 5).
 
 Most tests need no sandbox: preflight, the codec's bounds, the write-back rules of ``RemoteFunction`` (with a
 fake sandbox that answers whatever a hostile worker could), the tamper scan, the gradebook and the feedback.
-One batch graded with ``--workers 2`` and one Ctrl-C run use the real sandbox, with small notebooks.
+One batch graded with ``--workers 2`` and one Ctrl-C run use the real sandbox, with small notebooks; they and
+the tests that run nbgrader are marked slow (the rest takes seconds).
 """
 import ast
 import copy
@@ -342,6 +343,7 @@ def course(tmp_path_factory):
     return course
 
 
+@pytest.mark.slow
 def test_empty_unreleased_and_unisolated_cohorts_are_errors(course, tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="is empty"):
@@ -358,6 +360,7 @@ def test_empty_unreleased_and_unisolated_cohorts_are_errors(course, tmp_path, mo
         cli.grade(NAME, tmp_path / "other", course=course)
 
 
+@pytest.mark.slow
 def test_gradebook_records_grades_comments_timestamps_and_late_penalties(course, tmp_path):
     from nbgrader.api import Gradebook
     with Gradebook(cli.gradebook_url(course)) as gb:
@@ -423,6 +426,7 @@ def test_csv_fields_cannot_be_formulas_or_rows():
     assert "\n" not in cli._csv_field("a\nstudent,graded,13") and cli._csv_field("-1.5") == "-1.5"
 
 
+@pytest.mark.slow
 def test_grade_works_without_the_venv_on_path(course, tmp_path):
     """nbgrader creates a new gradebook by running `alembic` by name: the venv's bin must not be required."""
     incoming = tmp_path / "incoming"
@@ -450,6 +454,7 @@ worker["read_frame"] = lambda fd: time.sleep(3600)
 """
 
 
+@pytest.mark.slow
 def test_a_worker_that_stops_reading_cannot_block_the_grader():
     limits = Limits(cell_seconds=5, call_seconds=5, notebook_seconds=60)
     outcome = []
@@ -516,6 +521,7 @@ def batch(course, tmp_path_factory):
     return results, out, time.monotonic() - start
 
 
+@pytest.mark.slow
 def test_no_student_ends_or_skews_the_batch(batch, course):
     results, out, seconds = batch
     status = {k: r["status"] for k, r in results.items()}
@@ -532,6 +538,7 @@ def test_no_student_ends_or_skews_the_batch(batch, course):
     assert len(results) == 10 and seconds < 600
 
 
+@pytest.mark.slow
 def test_outputs_are_sanitised_and_complete(batch, course):
     results, out, _ = batch
     message = results["big_a"]["details"]["ex01_csr_matvec"]["message"]
@@ -550,6 +557,7 @@ def test_outputs_are_sanitised_and_complete(batch, course):
     assert ran <= ids and not any(i.startswith("big_b") and i != "big_b" for i in ids)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_grade_and_writes_what_it_has(course, tmp_path):
     incoming = tmp_path / "incoming"
     (incoming / "a_missing" / NAME).mkdir(parents=True)
