@@ -19,12 +19,15 @@ fault. Every string in a :class:`Result` is sanitised (:func:`sanitize`) before 
 from __future__ import annotations
 
 import ast
+import builtins
 import copy
 import importlib
+import json
 import re
 import threading
 import traceback
 import unicodedata
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -405,6 +408,14 @@ class RemoteFunction:
             if ok is not False or not isinstance(info, dict):
                 raise _malformed("no valid 'ok' and 'exception'")
             raise codec.decode_exception(info)
+        emitted = reply.get("warnings")
+        for info in (emitted[:10] if isinstance(emitted, list) else []):   # warnings the call emitted there
+            if not isinstance(info, dict):
+                continue
+            category = getattr(builtins, str(info.get("category"))[:100], None)
+            if not (isinstance(category, type) and issubclass(category, Warning)):
+                category = UserWarning
+            warnings.warn(sanitize(str(info.get("message"))[:500], multiline=False), category, stacklevel=2)
         after = reply.get("args_after") or []
         if not isinstance(after, list) or len(after) > len(args):
             raise _malformed("'args_after' is not a list of the arguments")
@@ -547,7 +558,12 @@ def reset_cancel() -> None:
 
 
 def _reference_cells(assignment: Assignment) -> dict:
-    nb = nbformat.read(notebook_path(assignment), as_version=4)
+    path = notebook_path(assignment)
+    if not path.exists():  # the student package ships only the locked setup cells (autograder.student)
+        packaged = json.loads((Path(__file__).parent / "locked_cells.json").read_text())[assignment.name]
+        return {gid: nbformat.v4.new_code_cell(source, metadata={"nbgrader": {"grade_id": gid, "locked": True}})
+                for gid, source in packaged.items()}
+    nb = nbformat.read(path, as_version=4)
     return {c.metadata["nbgrader"]["grade_id"]: c for c in nb.cells if "nbgrader" in c.metadata}
 
 
@@ -573,15 +589,20 @@ def _fault(exc: BaseException) -> str:
 
 
 def grade_notebook(path: Path, assignment: Assignment, *, limits: Limits | None = None, slot: int = 0,
-                   hide: tuple = (), isolate: bool | None = None) -> Result:
+                   hide: tuple = (), isolate: bool | None = None, hidden: bool = True, progress=None) -> Result:
     """Grade one submission. Never raises for anything the submission contains; raises :class:`Interrupted`
-    only after :func:`cancel_all`. A fault of the grader is retried once, then reported as ``grader_error``."""
+    only after :func:`cancel_all`. A fault of the grader is retried once, then reported as ``grader_error``.
+
+    ``hidden=False`` runs the visible cases only (the learner's ``check``); ``progress(event, detail)`` is
+    called before each cell (``"cell"``, its index) and each check (``"check"``, its grade_id) and after
+    each check (``"checked"``, the item)."""
     faults, last = [], None
     for _attempt in range(2):
         if _CANCELLED.is_set():
             raise Interrupted()
         try:
-            result = _grade_once(path, assignment, limits=limits, slot=slot, hide=hide, isolate=isolate)
+            result = _grade_once(path, assignment, limits=limits, slot=slot, hide=hide, isolate=isolate,
+                                 hidden=hidden, progress=progress)
         except (Interrupted, KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - a fault of the grader: one student's status, not the batch's
@@ -601,7 +622,8 @@ def grade_notebook(path: Path, assignment: Assignment, *, limits: Limits | None 
     return Result("grader_error", reason, _empty_items(assignment, "grader_error", reason)).sanitized()
 
 
-def _grade_once(path: Path, assignment: Assignment, *, limits, slot, hide, isolate) -> Result:
+def _grade_once(path: Path, assignment: Assignment, *, limits, slot, hide, isolate, hidden=True,
+                progress=None) -> Result:
     nb, reason = preflight(path, assignment)
     if nb is None:
         return Result("invalid", reason, _empty_items(assignment, "invalid", reason))
@@ -637,9 +659,12 @@ def _grade_once(path: Path, assignment: Assignment, *, limits, slot, hide, isola
         task = tasks[gid]
         check = getattr(checks, f"check_{task.function}")
         proxy = RemoteFunction(sandbox, task.function, getattr(task, "mutates", ()))
+        if progress:
+            progress("check", gid)
         try:
             check(proxy)
-            check(proxy, hidden=True)
+            if hidden:
+                check(proxy, hidden=True)
         except CheckFailed as failure:
             items[gid].update(score=0, status="failed", message=str(failure))
         except SandboxGone:
@@ -648,6 +673,8 @@ def _grade_once(path: Path, assignment: Assignment, *, limits, slot, hide, isola
             items[gid].update(score=0, status="error", message=f"grader error: {_fault(exc)}")
         else:
             items[gid].update(score=task.points, status="passed", message="")
+        if progress:
+            progress("checked", items[gid])
 
     deferred = []
     sandbox = Sandbox(limits, slot=slot, hide=hide, isolate=isolate)
@@ -661,6 +688,8 @@ def _grade_once(path: Path, assignment: Assignment, *, limits, slot, hide, isola
                 if _CANCELLED.is_set():
                     raise Interrupted()
                 if kind == "run":
+                    if progress:
+                        progress("cell", index)
                     reply = sandbox.run_cell(payload)
                     err = reply.get("error")
                     if reply.get("ok") is not True and err:
