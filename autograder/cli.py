@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, CancelledError, ThreadPoolExecutor, wait
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -357,15 +357,19 @@ def grade(assignment_name: str, submitted: Path, csv_out: Path | None = None, js
         previous_handler = signal.signal(signal.SIGINT, on_interrupt)
     pool = ThreadPoolExecutor(max_workers=len(slots))
     try:
-        futures = [pool.submit(safe_one, s) for s in students]
-        for future in as_completed(futures):
-            try:
-                entry, result, when = future.result()
-            except (grading.Interrupted, CancelledError):
-                continue
-            finish(entry, result, when)
-            if bar:
-                bar.update(1)
+        pending = {pool.submit(safe_one, s) for s in students}
+        while pending:
+            # a timeout, so that the main thread runs the SIGINT handler promptly even when the kernel
+            # delivered the signal to a worker thread (a blocked lock wait is not interrupted then)
+            done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+            for future in done:
+                try:
+                    entry, result, when = future.result()
+                except (grading.Interrupted, CancelledError):
+                    continue
+                finish(entry, result, when)
+                if bar:
+                    bar.update(1)
     except KeyboardInterrupt:
         interrupted.set()
         grading.cancel_all()

@@ -572,7 +572,12 @@ def test_ctrl_c_stops_grade_and_writes_what_it_has(course, tmp_path):
     time.sleep(1)
     proc.send_signal(signal.SIGINT)
     stopped = time.monotonic()
-    out, err = proc.communicate(timeout=60)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"grade did not stop within 60 s of Ctrl-C:\n{err[-3000:]}")
     assert time.monotonic() - stopped < 30
     assert proc.returncode == 130, err[-2000:]
     data = json.loads((tmp_path / "g.json").read_text())
