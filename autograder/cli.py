@@ -349,9 +349,10 @@ def grade(assignment_name: str, submitted: Path, csv_out: Path | None = None, js
         if interrupted.is_set():  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         interrupted.set()
-        print("\ninterrupted: stopping the running notebooks and writing the results so far "
-              "(Ctrl-C again to quit at once)", file=sys.stderr)
         grading.cancel_all()
+        # os.write, not print: the handler may interrupt a print to stderr (a reentrant call would raise)
+        os.write(2, b"\ninterrupted: stopping the running notebooks and writing the results so far "
+                    b"(Ctrl-C again to quit at once)\n")
 
     if threading.current_thread() is threading.main_thread():
         previous_handler = signal.signal(signal.SIGINT, on_interrupt)
