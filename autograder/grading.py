@@ -6,9 +6,9 @@ its graded test cells are *not* executed. At the position of each graded test ce
 item's check (visible and hidden cases) in its own process, with a :class:`RemoteFunction` standing in for
 the student's function: arguments go to the sandbox, the student's function runs there, and only
 values decoded by :mod:`autograder.codec` (plain data, numpy arrays, tensors, llmspace dataclasses, each
-bounded in size) come back to be compared against the reference by the check. Only the arguments a task
-declares as updated in place (:attr:`~autograder.specs.Task.mutates`) are written back, and only with the
-same type, shape and dtype. Warnings and stderr do not matter.
+bounded in size) come back to be compared against the reference by the check. Changed arguments are
+written back only into the check's fresh copies, and only with the same type, shape and dtype. Warnings
+and stderr do not matter.
 
 Every notebook ends with exactly one status — ``graded``, ``invalid``, ``missing``, ``timeout``,
 ``kernel_died``, ``resource_exceeded`` or ``grader_error`` — and per-item scores for everything that ran
@@ -386,17 +386,18 @@ def _malformed(what: str) -> SandboxGone:
 class RemoteFunction:
     """Stands in for the student's function inside a trusted check: runs it in the sandbox.
 
-    Arguments are pickled to the sandbox, so the student's code only ever changes its own copies. After
-    the call, the sandbox's versions of the arguments at positions ``mutates`` (what the task declares its
-    function updates in place) are written into the check's objects — only with the same type, shape and
-    dtype, elementwise into existing arrays/tensors/parameters (never re-binding ``.data``); every other
-    argument is left exactly as the check built it. A result that *is* one of the arguments (a function
-    returning its input, e.g. a module) comes back as a fresh copy with the sandbox's state applied.
+    Arguments are pickled to the sandbox, so the student's code only ever changes its own copies. After the
+    call, the sandbox's versions of the arguments are written into the objects this call received — which
+    are the check's fresh deep copies (:meth:`autograder.checks.Checker.call` and ``expect_raises`` copy
+    every argument before every call and compute expected values from the originals), so the check sees
+    an in-place update where the task asks for one and "modified its input argument" where it does not,
+    while nothing the student does reaches the check's own objects. Write-backs keep type, shape, dtype and
+    names (elementwise into existing arrays, tensors and parameters; never a new ``.data``), else the call
+    fails with a TypeError. A result that *is* one of the arguments comes back as that same object.
     """
 
-    def __init__(self, sandbox: Sandbox, name: str, mutates: tuple = ()):
+    def __init__(self, sandbox: Sandbox, name: str):
         self.sandbox, self.name, self.__name__ = sandbox, name, name
-        self.mutates = frozenset(mutates)
 
     def __call__(self, *args):
         reply = self.sandbox.call(self.name, args)
@@ -419,20 +420,15 @@ class RemoteFunction:
         after = reply.get("args_after") or []
         if not isinstance(after, list) or len(after) > len(args):
             raise _malformed("'args_after' is not a list of the arguments")
-        for index in sorted(self.mutates):
-            if index < len(after) and after[index] is not None:
-                _write_back(args[index], after[index], f"argument {index}")
+        for index, state in enumerate(after):
+            if state is not None:
+                _write_back(args[index], state, f"argument {index}")
         result = reply.get("result")
         if isinstance(result, dict) and "__same_as_arg__" in result:
             index = result["__same_as_arg__"]
             if type(index) is not int or not 0 <= index < len(args) or len(result) != 1:
                 raise _malformed("'__same_as_arg__' is not an argument's position")
-            if index in self.mutates:
-                return args[index]
-            fresh = copy.deepcopy(args[index])
-            if index < len(after) and after[index] is not None:
-                _write_back(fresh, after[index], "the returned argument")
-            return fresh
+            return args[index]
         try:
             return codec.decode(result)
         except codec.DecodeError as exc:
@@ -658,7 +654,7 @@ def _grade_once(path: Path, assignment: Assignment, *, limits, slot, hide, isola
     def run_check(sandbox: Sandbox, gid: str) -> None:
         task = tasks[gid]
         check = getattr(checks, f"check_{task.function}")
-        proxy = RemoteFunction(sandbox, task.function, getattr(task, "mutates", ()))
+        proxy = RemoteFunction(sandbox, task.function)
         if progress:
             progress("check", gid)
         try:

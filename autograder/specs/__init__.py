@@ -23,10 +23,6 @@ class Task:
     function: str          # name of a function in the assignment's module
     points: int
     module: str | None = None   # the function's module when it is not the assignment's
-    # Positions of the arguments the function must update in place (e.g. optimizer state). Only these
-    # are written back from the sandbox into the check's objects; every other argument stays as the
-    # check built it, whatever the student's code did to its own copy.
-    mutates: tuple = ()
     # Library equivalents of the very function asked for (dotted names, prefixes match): a submission
     # that uses one is flagged for review (never auto-zeroed).
     forbids: tuple = ()
