@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ast
 import builtins
-import copy
 import importlib
 import json
 import re

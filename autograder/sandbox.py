@@ -33,6 +33,7 @@ at the end and a private working directory — no network or file-system isolati
 from __future__ import annotations
 
 import functools
+import json
 import os
 import pickle
 import re
