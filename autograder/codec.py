@@ -7,6 +7,11 @@ and scalars, torch tensors, and dataclasses defined in ``llmspace``, rebuilt thr
 constructors). The other direction — trusted grader to sandbox — may use (cloud)pickle: the sandbox
 trusts the grader, never the reverse.
 
+Sizes are bounded on both sides, so that a legal but huge reply cannot make the grader allocate many
+times its size (a JSON ``[],`` is 3 bytes but ~64 bytes of Python objects): :func:`loads` counts a
+reply's elements before parsing it, :func:`decode` keeps a budget of elements, checks every array's
+header against its data before allocating, and turns every malformed value into :class:`DecodeError`.
+
 This module is copied into the sandbox, so it imports only numpy at module level.
 """
 from __future__ import annotations
@@ -16,15 +21,26 @@ import builtins
 import dataclasses
 import importlib
 import io
+import json
 import math
+import re
 
 import numpy as np
 
 MAX_DEPTH = 32
+MAX_ITEMS = 1_000_000            # JSON containers + elements in one reply (encode enforces it too)
+MAX_BIGINT_DIGITS = 4000         # below CPython's int <-> str conversion limit (4300 digits)
+MAX_ARRAY_BYTES = 256 * 2**20    # data of one array or tensor
+ARRAY_KINDS = "biufcSU"          # bool, signed/unsigned integers, floats, complex, bytes, str
+_INT = re.compile(r"-?[0-9]{1,%d}" % MAX_BIGINT_DIGITS)
 
 
 class DecodeError(Exception):
-    """The sandbox sent something that is not a value of an allowed type."""
+    """The sandbox sent something that is not a value of an allowed type (or too much of it)."""
+
+
+class TooLarge(DecodeError):
+    """A reply or value beyond the bounds (elements, bytes)."""
 
 
 class EncodeError(Exception):
@@ -39,8 +55,24 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def encode(obj, depth: int = 0):
-    """A JSON-able description of ``obj`` (run in the sandbox)."""
+class _Budget:
+    """Elements left for one value: every container and element costs one."""
+
+    def __init__(self, items: int, error: type):
+        self.left, self.error = items, error
+
+    def take(self, n: int = 1) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise self.error(f"the value has more than {MAX_ITEMS} elements (return an array or tensor "
+                             f"instead of a long list)")
+
+
+def encode(obj, depth: int = 0, budget: _Budget | None = None):
+    """A JSON-able description of ``obj`` (run in the sandbox). At most :data:`MAX_ITEMS` elements."""
+    if budget is None:
+        budget = _Budget(MAX_ITEMS, EncodeError)
+    budget.take()
     if depth > MAX_DEPTH:
         raise EncodeError("value nested too deeply")
     if obj is None or isinstance(obj, (bool, str)):
@@ -52,14 +84,15 @@ def encode(obj, depth: int = 0):
     if isinstance(obj, complex):
         return {"__complex__": [obj.real, obj.imag]}
     if isinstance(obj, (list, tuple)):
-        items = [encode(x, depth + 1) for x in obj]
+        items = [encode(x, depth + 1, budget) for x in obj]
         return items if type(obj) is list else {"__tuple__": items}
     if isinstance(obj, dict):
-        return {"__dict__": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in obj.items()]}
+        return {"__dict__": [[encode(k, depth + 1, budget), encode(v, depth + 1, budget)]
+                             for k, v in obj.items()]}
     if isinstance(obj, (set, frozenset)):
-        return {"__set__": [encode(x, depth + 1) for x in obj]}
+        return {"__set__": [encode(x, depth + 1, budget) for x in obj]}
     if isinstance(obj, np.generic):
-        return {"__npscalar__": [obj.dtype.str, encode(obj.item(), depth + 1)]}
+        return {"__npscalar__": [obj.dtype.str, encode(obj.item(), depth + 1, budget)]}
     if isinstance(obj, np.ndarray):
         if obj.dtype.hasobject:
             raise EncodeError("numpy arrays of Python objects cannot be transferred")
@@ -84,90 +117,206 @@ def encode(obj, depth: int = 0):
         cls = type(obj)
         if not cls.__module__.startswith("llmspace."):
             raise EncodeError(f"dataclass {cls.__qualname__} is not part of llmspace")
-        fields = {f.name: encode(getattr(obj, f.name), depth + 1) for f in dataclasses.fields(obj)}
+        fields = {f.name: encode(getattr(obj, f.name), depth + 1, budget) for f in dataclasses.fields(obj)}
         return {"__dataclass__": f"{cls.__module__}:{cls.__qualname__}", "fields": fields}
     raise EncodeError(f"a value of type {type(obj).__module__}.{type(obj).__qualname__} cannot be "
                       f"transferred to the grader")
 
 
+def loads(payload: bytes, max_items: int = MAX_ITEMS, what: str = "a reply"):
+    """Parse one reply frame (run in the trusted grader), refusing it *before* parsing when it holds more
+    than ``max_items`` JSON elements: every element after the first starts after a ``[``, ``{`` or ``,``
+    byte, so their count bounds the objects the parser would build (``,`` inside strings only make the
+    bound looser). Memory used is then at most ~100 bytes per element plus a few times the reply."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise DecodeError(f"a reply must be bytes, got {type(payload).__name__}")
+    payload = bytes(payload)
+    count = payload.count(b"[") + payload.count(b"{") + payload.count(b",")
+    if count > max_items:
+        raise TooLarge(f"{what} of {len(payload)} bytes with up to {count} elements (the limit is "
+                       f"{max_items} elements)")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"{what} that is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise DecodeError(f"{what} that is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
 def _unb64(text) -> bytes:
     if not isinstance(text, str):
         raise DecodeError("expected base64 text")
+    if len(text) > (MAX_ARRAY_BYTES + 2**20) * 4 // 3:
+        raise TooLarge(f"more than {MAX_ARRAY_BYTES} bytes of array data")
     try:
         return base64.b64decode(text.encode("ascii"), validate=True)
     except Exception as exc:  # noqa: BLE001
         raise DecodeError(f"bad base64: {exc}") from None
 
 
-def decode(obj, depth: int = 0):
-    """Rebuild a value from :func:`encode`'s output (run in the trusted grader)."""
+def _allowed_dtype(dtype) -> np.dtype:
+    try:
+        dtype = np.dtype(dtype)
+    except Exception as exc:  # noqa: BLE001 - TypeError, ValueError, SyntaxError from odd strings
+        raise DecodeError(f"bad dtype: {str(exc)[:100]}") from None
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in ARRAY_KINDS:
+        raise DecodeError(f"dtype {dtype.str!r} is not allowed (object, structured or unknown)")
+    if dtype.kind in "SU" and dtype.itemsize == 0:
+        raise DecodeError("zero-size string dtype")
+    return dtype
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    """An array from ``.npy`` bytes, its header checked against the data *before* anything is allocated
+    (``np.load`` would allocate what the header claims)."""
+    fp = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:
+            raise DecodeError(f"npy version {version}")
+    except DecodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise DecodeError(f"bad array: {str(exc)[:200]}") from None
+    try:
+        dtype = _allowed_dtype(dtype)
+    except DecodeError as exc:
+        raise DecodeError(f"bad array: {exc}") from None
+    if len(shape) > MAX_DEPTH or any(not isinstance(s, int) or s < 0 for s in shape):
+        raise DecodeError(f"bad array shape {shape!r:.100}")
+    count = math.prod(shape)
+    body = data[fp.tell():]
+    if count * dtype.itemsize != len(body) or len(body) > MAX_ARRAY_BYTES:
+        raise DecodeError(f"bad array: shape {shape} of {dtype.str} needs {count * dtype.itemsize} bytes, "
+                          f"got {len(body)} (limit {MAX_ARRAY_BYTES})")
+    array = np.frombuffer(body, dtype=dtype, count=count)
+    return array.reshape(shape, order="F" if fortran else "C").copy(order="K")
+
+
+def _fields(obj: dict, tag: str, allowed: tuple = ()) -> None:
+    extra = set(obj) - {tag, *allowed}
+    if extra:
+        raise DecodeError(f"unexpected keys {sorted(map(str, extra))[:5]} with {tag}")
+
+
+def decode(obj, depth: int = 0, budget: _Budget | None = None):
+    """Rebuild a value from :func:`encode`'s output (run in the trusted grader).
+
+    Raises :class:`DecodeError` for anything that is not such a value or exceeds the bounds (elements,
+    depth, array sizes); an llmspace dataclass's own constructor may raise ``TypeError``/``ValueError``.
+    """
+    if budget is None:
+        budget = _Budget(MAX_ITEMS, TooLarge)
+    budget.take()
     if depth > MAX_DEPTH:
         raise DecodeError("value nested too deeply")
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, list):
-        return [decode(x, depth + 1) for x in obj]
+        return [decode(x, depth + 1, budget) for x in obj]
     if not isinstance(obj, dict) or len(obj) == 0:
         raise DecodeError(f"unexpected {type(obj).__name__}")
     tag = next(iter(obj))
     body = obj[tag]
+    if tag in ("__tuple__", "__set__", "__dict__") and not isinstance(body, list):
+        raise DecodeError(f"{tag} must hold a list")
     if tag == "__tuple__":
-        return tuple(decode(x, depth + 1) for x in body)
+        _fields(obj, tag)
+        return tuple(decode(x, depth + 1, budget) for x in body)
     if tag == "__dict__":
+        _fields(obj, tag)
         out = {}
         for pair in body:
             if not isinstance(pair, list) or len(pair) != 2:
                 raise DecodeError("bad dict entry")
-            key = decode(pair[0], depth + 1)
+            key = decode(pair[0], depth + 1, budget)
             try:
                 hash(key)
             except TypeError:
                 raise DecodeError("unhashable dict key") from None
-            out[key] = decode(pair[1], depth + 1)
+            out[key] = decode(pair[1], depth + 1, budget)
         return out
     if tag == "__set__":
-        return {decode(x, depth + 1) for x in body}
+        _fields(obj, tag)
+        items = [decode(x, depth + 1, budget) for x in body]
+        try:
+            return set(items)
+        except TypeError:
+            raise DecodeError("unhashable set element") from None
     if tag == "__bigint__":
+        _fields(obj, tag)
+        if not isinstance(body, str) or not _INT.fullmatch(body):
+            raise DecodeError(f"bad integer (at most {MAX_BIGINT_DIGITS} digits)")
         return int(body)
     if tag == "__float__":
+        _fields(obj, tag)
         if body not in ("nan", "inf", "-inf"):
             raise DecodeError("bad float")
         return float(body)
     if tag == "__complex__":
+        _fields(obj, tag)
+        if (not isinstance(body, list) or len(body) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in body)):
+            raise DecodeError("bad complex")
         return complex(float(body[0]), float(body[1]))
     if tag == "__npscalar__":
-        dtype = np.dtype(str(body[0]))
-        if dtype.hasobject:
-            raise DecodeError("object scalar")
-        return dtype.type(decode(body[1], depth + 1))
-    if tag == "__ndarray__":
+        _fields(obj, tag)
+        if not isinstance(body, list) or len(body) != 2 or not isinstance(body[0], str):
+            raise DecodeError("bad numpy scalar")
+        dtype = _allowed_dtype(body[0])
+        value = decode(body[1], depth + 1, budget)
+        if not isinstance(value, (bool, int, float, complex, str, bytes)):
+            raise DecodeError("bad numpy scalar value")
         try:
-            return np.load(io.BytesIO(_unb64(body)), allow_pickle=False)
-        except Exception as exc:  # noqa: BLE001
-            raise DecodeError(f"bad array: {exc}") from None
+            return dtype.type(value)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise DecodeError(f"bad numpy scalar: {str(exc)[:100]}") from None
+    if tag == "__ndarray__":
+        _fields(obj, tag)
+        return _load_npy(_unb64(body))
     if tag == "__np_dtype__":
-        dtype = np.dtype(str(body))
-        if dtype.hasobject:
-            raise DecodeError("object dtype")
-        return dtype
+        _fields(obj, tag)
+        if not isinstance(body, str):
+            raise DecodeError("bad dtype")
+        return _allowed_dtype(body)
     if tag == "__tensor__":
+        _fields(obj, tag, ("requires_grad",))
         from safetensors.torch import load
         try:
-            t = load(_unb64(body))["t"]
+            tensors = load(_unb64(body))
+            t = tensors["t"]
+            if len(tensors) != 1:
+                raise ValueError("more than one tensor")
+        except DecodeError:
+            raise
         except Exception as exc:  # noqa: BLE001
-            raise DecodeError(f"bad tensor: {exc}") from None
-        return t.requires_grad_(bool(obj.get("requires_grad"))) if t.is_floating_point() else t
+            raise DecodeError(f"bad tensor: {str(exc)[:200]}") from None
+        return t.requires_grad_(obj.get("requires_grad") is True) if t.is_floating_point() else t
     if tag == "__torch_dtype__":
+        _fields(obj, tag)
         import torch
-        dtype = getattr(torch, str(body), None)
+        dtype = getattr(torch, body, None) if isinstance(body, str) and body.isidentifier() else None
         if not isinstance(dtype, torch.dtype):
             raise DecodeError("bad torch dtype")
         return dtype
     if tag == "__dataclass__":
-        module_name, _, qualname = str(body).partition(":")
-        if not module_name.startswith("llmspace.") or "." in qualname:
-            raise DecodeError(f"class {body} is not an llmspace dataclass")
-        cls = getattr(importlib.import_module(module_name), qualname, None)
+        _fields(obj, tag, ("fields",))
+        if not isinstance(body, str):
+            raise DecodeError("bad dataclass name")
+        module_name, _, qualname = body.partition(":")
+        if (not module_name.startswith("llmspace.") or not qualname.isidentifier()
+                or not all(p.isidentifier() for p in module_name.split("."))):
+            raise DecodeError(f"class {body[:200]!r} is not an llmspace dataclass")
+        try:
+            cls = getattr(importlib.import_module(module_name), qualname, None)
+        except ImportError:
+            raise DecodeError(f"class {body[:200]!r} is not an llmspace dataclass") from None
         if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
             raise DecodeError(f"{body} is not a dataclass")
         fields = obj.get("fields")
@@ -175,10 +324,10 @@ def decode(obj, depth: int = 0):
             raise DecodeError("bad dataclass fields")
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         if set(fields) - names:
-            raise DecodeError(f"unknown fields for {qualname}: {sorted(set(fields) - names)}")
+            raise DecodeError(f"unknown fields for {qualname}: {sorted(set(fields) - names)[:10]}")
         # through the constructor: the reference class validates what the student built
-        return cls(**{k: decode(v, depth + 1) for k, v in fields.items()})
-    raise DecodeError(f"unknown tag {tag!r}")
+        return cls(**{k: decode(v, depth + 1, budget) for k, v in fields.items()})
+    raise DecodeError(f"unknown tag {str(tag)[:100]!r}")
 
 
 _BUILTIN_EXCEPTIONS = {name: cls for name, cls in vars(builtins).items()

@@ -53,6 +53,8 @@ from pathlib import Path
 
 import cloudpickle
 
+from autograder import codec
+
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = ROOT / "solutions" / "llmspace"
 if not LIBRARY.is_dir():  # the student package (autograder.student): its llmspace is already stubbed
@@ -764,15 +766,38 @@ class Sandbox:
 
     # ---- protocol ------------------------------------------------------------------------------------
 
-    def _send(self, cmd: dict) -> None:
+    def _send(self, cmd: dict, timeout: float = 30.0) -> None:
+        """Write one command frame with a deadline: a worker that stops reading (its pipe full) must not
+        block the grader, so the pipe is written without blocking and waited on with ``select``."""
         data = pickle.dumps(cmd)
+        frame = memoryview(struct.pack(">I", len(data)) + data)
+        end = time.monotonic() + max(0.0, min(timeout, self.deadline - time.monotonic()))
         try:
-            os.write(self.cmd_w, struct.pack(">I", len(data)))
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self.cmd_w, view):]
-        except (BrokenPipeError, OSError):
+            os.set_blocking(self.cmd_w, False)
+            while frame:
+                left = end - time.monotonic()
+                if left <= 0:
+                    self.kill()
+                    raise SandboxGone("timeout", f"the notebook's process stopped reading its commands "
+                                                 f"(no progress within {timeout:.0f} s)")
+                _, writable, _ = select.select([], [self.cmd_w], [], left)
+                if writable:
+                    try:
+                        frame = frame[os.write(self.cmd_w, frame):]
+                    except BlockingIOError:
+                        continue
+        except (BrokenPipeError, OSError, ValueError, TypeError):  # closed fd (killed) or pipe gone
             raise self._gone("the notebook's process ended") from None
+
+    def kill(self) -> None:
+        """Kill the worker (and its process group) without closing anything: a thread blocked on this
+        sandbox sees the end of its pipe and finishes with :class:`SandboxGone`. Safe from any thread."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def _gone(self, default: str) -> SandboxGone:
         try:
@@ -811,12 +836,14 @@ class Sandbox:
             raise SandboxGone("resource_exceeded", f"a reply of {length} bytes exceeds the {MAX_REPLY_BYTES} limit")
         payload = self._read(length, timeout, what)
         try:
-            reply = json.loads(payload)
-        except ValueError:
+            reply = codec.loads(payload)  # bounded: the grader never allocates many times a reply's size
+        except codec.DecodeError as exc:
             self.close()
-            raise SandboxGone("kernel_died", "the notebook's process sent a malformed reply") from None
+            status = "resource_exceeded" if isinstance(exc, codec.TooLarge) else "kernel_died"
+            raise SandboxGone(status, f"the notebook's process sent {exc}") from None
         if not isinstance(reply, dict):
-            raise SandboxGone("kernel_died", "the notebook's process sent a malformed reply")
+            self.close()
+            raise SandboxGone("kernel_died", "the notebook's process sent a malformed reply (not an object)")
         return reply
 
     def _read(self, n: int, timeout: float, what: str) -> bytes:
@@ -837,7 +864,7 @@ class Sandbox:
 
     def run_cell(self, source: str) -> dict:
         """Execute one cell; returns {"ok", "output", "error": {type, message} | None}."""
-        self._send({"op": "run", "source": source})
+        self._send({"op": "run", "source": source}, self.limits.cell_seconds)
         reply = self._reply(self.limits.cell_seconds, "running a cell")
         err = reply.get("error") if isinstance(reply.get("error"), dict) else {}
         kind, message = err.get("type"), str(err.get("message", "")).lower()
@@ -863,7 +890,7 @@ class Sandbox:
         return bool(self._reply(30.0, f"looking up {name}").get("defined"))
 
     def call(self, name: str, args: tuple) -> dict:
-        self._send({"op": "call", "name": name, "args": cloudpickle.dumps(args)})
+        self._send({"op": "call", "name": name, "args": cloudpickle.dumps(args)}, self.limits.call_seconds)
         reply = self._reply(self.limits.call_seconds, f"calling {name}")
         self._check_limits()
         return reply

@@ -23,6 +23,9 @@ class Task:
     function: str          # name of a function in the assignment's module
     points: int
     module: str | None = None   # the function's module when it is not the assignment's
+    # Library equivalents of the very function asked for (dotted names, prefixes match): a submission
+    # that uses one is flagged for review (never auto-zeroed).
+    forbids: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,18 @@
 """ex01_sparse — chapter 1, sparse storage."""
 from autograder.specs import Assignment, Markdown, Task
 
+# scipy.sparse and torch's sparse layouts do these conversions and products: flagged for review when used
+SPARSE_LIBRARIES = (
+    'scipy.sparse',
+    'torch.sparse',
+    'torch.sparse_coo_tensor',
+    'torch.sparse_csr_tensor',
+    'torch.sparse_csc_tensor',
+    'torch.Tensor.to_sparse',
+    'torch.Tensor.to_sparse_csr',
+    'torch.Tensor.to_sparse_csc',
+)
+
 ASSIGNMENT = Assignment(
     name="ex01_sparse",
     module="llmspace.sparse",
@@ -30,13 +42,13 @@ something is off. Use numpy: every function here can be written without a Python
 A dictionary of keys stores `{(i, j): value}` for the non-zero entries only. Watch out: iterating
 `A.items()` yields `((i, j), value)` pairs, and an entry whose sum is zero is no longer an entry.
 """),
-        Task("sparse_matrix_add", points=1),
+        Task("sparse_matrix_add", points=1, forbids=SPARSE_LIBRARIES),
         Markdown("""\
 ## Warm-up 2: dense matrix × vector
 
 The result is a vector: return a list with one number per row.
 """),
-        Task("matrix_vector_multiply", points=1),
+        Task("matrix_vector_multiply", points=1, forbids=SPARSE_LIBRARIES),
         Markdown("""\
 ## Task 1: COO → CSR
 
@@ -45,21 +57,21 @@ entries by row: `indptr[i]:indptr[i+1]` is the slice of `indices`/`data` that be
 Sort the entries by (row, column), sum duplicates, then build `indptr` from the number of entries per
 row (`np.bincount` and `np.cumsum` do it without a loop).
 """),
-        Task("coo_to_csr", points=3),
+        Task("coo_to_csr", points=3, forbids=SPARSE_LIBRARIES),
         Markdown("""\
 ## Task 2: CSR → CSC
 
 CSC is CSR of the transpose. You need the row of every stored entry (`np.repeat` over the row lengths),
 then a *stable* sort by column so that rows stay increasing inside each column.
 """),
-        Task("csr_to_csc", points=2),
+        Task("csr_to_csc", points=2, forbids=SPARSE_LIBRARIES),
         Markdown("""\
 ## Task 3: sparse + sparse
 
 Add two CSR matrices of the same shape. Entries present in both are summed; entries that become zero
 are dropped. You may reuse your `coo_to_csr`.
 """),
-        Task("sparse_add", points=3),
+        Task("sparse_add", points=3, forbids=SPARSE_LIBRARIES),
         Markdown("""\
 ## Task 4: sparse matrix × vector (SpMV)
 
@@ -67,6 +79,6 @@ are dropped. You may reuse your `coo_to_csr`.
 `x[indices]`, multiply by `data`, then sum each row's segment. Rows without entries must give 0, and the
 result's dtype follows numpy's promotion rules (`np.result_type(A.data, x)`).
 """),
-        Task("csr_matvec", points=3),
+        Task("csr_matvec", points=3, forbids=SPARSE_LIBRARIES),
     ],
 )

@@ -69,6 +69,8 @@ Simulate `N` data-parallel ranks in one process: each rank has its own gradient 
 micro-batch) and owns a `1/N` shard of Adam's state. Reduce-scatter the *average* gradient, update each
 shard with Adam (with bias correction), then all-gather the shards into the full parameter vector.
 """),
-        Task("zero1_adam_step", points=3),
+        Task("zero1_adam_step", points=3,
+             forbids=('torch.optim.Adam', 'torch.optim.AdamW', 'torch.optim.adam', 'torch.optim._functional',
+                      'torch.distributed.optim.ZeroRedundancyOptimizer')),
     ],
 )

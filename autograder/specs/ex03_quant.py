@@ -1,6 +1,17 @@
 """ex03_quant — chapter 3, quantization."""
 from autograder.specs import Assignment, Markdown, Task
 
+# torch's own quantization functions: flagged for review when used
+QUANTIZATION_LIBRARIES = (
+    'torch.quantize_per_tensor',
+    'torch.quantize_per_channel',
+    'torch.fake_quantize_per_tensor_affine',
+    'torch.fake_quantize_per_channel_affine',
+    'torch.ao.quantization',
+    'torch.quantization',
+    'torchao',
+)
+
 ASSIGNMENT = Assignment(
     name="ex03_quant",
     module="llmspace.quant",
@@ -31,7 +42,7 @@ work in float32 (`x.float() / scale`) so that your integers match the reference 
 point." The article answers `int((value / scale) + zero_point)`. Two bugs: `int()` truncates toward
 zero (3.7 → 3, -2.6 → -2), and nothing keeps the result inside `[qmin, qmax]`.
 """),
-        Task("quantize", points=1),
+        Task("quantize", points=1, forbids=QUANTIZATION_LIBRARIES),
         Markdown("""\
 ## Task 2: tensors
 
@@ -39,7 +50,7 @@ The same on a tensor. `scale` and `zero_point` are tensors that broadcast agains
 per-tensor quantization, shape `(C, 1)` one scale per row. Return the smallest integer dtype that holds
 `[qmin, qmax]` — `int8`, else `uint8`, else `int32` — and clamp *before* casting (a cast wraps around).
 """),
-        Task("quantize_affine", points=2),
+        Task("quantize_affine", points=2, forbids=QUANTIZATION_LIBRARIES),
         Markdown("""\
 ## Task 3: per-group int4
 
@@ -48,7 +59,7 @@ One scale per row lets one large weight coarsen the whole row. Per-group quantiz
 symmetric=..., group_size=...)` (given) computes them; reshape `w` to `(..., K // group_size,
 group_size)` so that they broadcast, quantize, and reshape back.
 """),
-        Task("quantize_per_group", points=2),
+        Task("quantize_per_group", points=2, forbids=QUANTIZATION_LIBRARIES),
         Markdown("""\
 ## Task 4: two codes per byte
 
@@ -65,6 +76,7 @@ the rest sit near 1. Vector-wise int8 (one scale per row of `x`, one per row of 
 the grid on the outlier. LLM.int8 multiplies the outlier columns in fp16 and everything else in int8.
 `choose_qparams(t, 8, symmetric=True, axis=0)` (given) returns one `amax / 127` scale per row.
 """),
-        Task("llm_int8_matmul", points=3),
+        Task("llm_int8_matmul", points=3,
+             forbids=('bitsandbytes',)),
     ],
 )

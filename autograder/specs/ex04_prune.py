@@ -1,6 +1,12 @@
 """ex04_prune — chapter 4, pruning."""
 from autograder.specs import Assignment, Markdown, Task
 
+# torch's 2:4 semi-structured sparse tensors: flagged for review when used
+SEMI_STRUCTURED = (
+    'torch.sparse.to_sparse_semi_structured',
+    'torch.sparse.SparseSemiStructuredTensor',
+)
+
 ASSIGNMENT = Assignment(
     name="ex04_prune",
     module="llmspace.prune",
@@ -33,7 +39,8 @@ tensors together by `|w|` and removes the smallest `round(sparsity * total)` —
 weights lose more. Concatenate the flattened magnitudes, find the smallest `k` with `torch.topk(...,
 largest=False)`, then cut the flat mask back into one mask per tensor. Do not modify the weights.
 """),
-        Task("global_magnitude_mask", points=3),
+        Task("global_magnitude_mask", points=3,
+             forbids=('torch.nn.utils.prune',)),
         Markdown("""\
 ## Task 2: N:M mask
 
@@ -41,7 +48,7 @@ In every group of `m` consecutive entries along the last dimension keep the `n` 
 Reshape to `(-1, m)` — but only after checking that `m` divides the last dimension, or groups silently
 straddle two rows. `torch.topk(..., dim=1)` and `scatter_` do the rest.
 """),
-        Task("nm_mask", points=2),
+        Task("nm_mask", points=2, forbids=SEMI_STRUCTURED),
         Markdown("""\
 ## Task 3: compress a 2:4 matrix
 
@@ -50,13 +57,13 @@ byte with the first position in the lowest bits. A group with fewer than 2 non-z
 zero positions as filler. Bytes: `rows * cols / 2` values plus `rows * ceil(cols / 8)` metadata bytes —
 1.125 bytes per fp16 weight instead of 2.
 """),
-        Task("compress_2to4", points=3),
+        Task("compress_2to4", points=3, forbids=SEMI_STRUCTURED),
         Markdown("""\
 ## Task 4: decompress
 
 Unpack the 2-bit positions (`(meta >> shift) & 3`), turn kept value `j`'s position into a column
 (`position + 4 * (j // 2)`), and scatter the values into a zero matrix of the values' dtype.
 """),
-        Task("decompress_2to4", points=2),
+        Task("decompress_2to4", points=2, forbids=SEMI_STRUCTURED),
     ],
 )

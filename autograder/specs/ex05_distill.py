@@ -1,6 +1,14 @@
 """ex05_distill — chapter 5, knowledge distillation."""
 from autograder.specs import Assignment, Markdown, Task
 
+# torch's KL divergence: flagged for review when used
+KL_LIBRARIES = (
+    'torch.nn.functional.kl_div',
+    'torch.nn.KLDivLoss',
+    'torch.kl_div',
+    'torch.nn.modules.loss.KLDivLoss',
+)
+
 ASSIGNMENT = Assignment(
     name="ex05_distill",
     module="llmspace.distill",
@@ -33,7 +41,7 @@ multiply by `T²`. Three classic mistakes are checked: forgetting `T²` (the gra
 `1/T²`), swapping the direction of the KL, and `torch.log(torch.softmax(...))` — it is `-inf` as soon as
 a probability underflows; `F.log_softmax` is exact.
 """),
-        Task("kd_loss", points=3),
+        Task("kd_loss", points=3, forbids=KL_LIBRARIES),
         Markdown("""\
 ## Task 2: soft and hard targets together
 
@@ -41,7 +49,7 @@ a probability underflows; `F.log_softmax` is exact.
 (padding and prompt tokens count in neither term). The cross-entropy is the ordinary one, at `T = 1`.
 You may call your `kd_loss`.
 """),
-        Task("distillation_loss", points=2),
+        Task("distillation_loss", points=2, forbids=KL_LIBRARIES),
         Markdown("""\
 ## Task 3: feature distillation
 
