@@ -482,8 +482,11 @@ def _write_back(arg, encoded, what: str) -> None:
             else:
                 arg[key] = new
     elif isinstance(arg, list):
-        if not isinstance(value, list) or len(value) != len(arg):
-            raise TypeError(f"{what} must stay a list of {len(arg)} items when updated in place")
+        if not isinstance(value, list):
+            raise TypeError(f"{what} must stay a list when updated in place")
+        if len(value) != len(arg):   # a list may shrink or grow in place (pop, append): the check's copy follows
+            arg[:] = value
+            return
         for i, (old, new) in enumerate(zip(arg, value)):
             if isinstance(old, (np.ndarray, torch.Tensor, dict, list)):
                 _write_back_value(old, new, f"{what}[{i}]")
@@ -515,8 +518,11 @@ def _write_back_value(old, new, what: str) -> None:
             else:
                 old[key] = value
     elif isinstance(old, list):
-        if not isinstance(new, list) or len(new) != len(old):
-            raise TypeError(f"{what} must stay a list of {len(old)} items when updated in place")
+        if not isinstance(new, list):
+            raise TypeError(f"{what} must stay a list when updated in place")
+        if len(new) != len(old):
+            old[:] = new
+            return
         for i, value in enumerate(new):
             if isinstance(old[i], (np.ndarray, torch.Tensor, dict, list)):
                 _write_back_value(old[i], value, f"{what}[{i}]")

@@ -296,7 +296,16 @@ def load_minilm():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
-    return SentenceTransformer(str(minilm_path()), device="cpu").eval()
+    from transformers.utils import logging as hf_logging
+    # transformers draws a "Loading weights" bar (an ipywidget inside a notebook, which makes a page fetch
+    # the widget manager from a CDN): keep loads quiet, then restore the setting
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return SentenceTransformer(str(minilm_path()), device="cpu").eval()
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 @lru_cache(maxsize=None)
