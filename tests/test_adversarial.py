@@ -318,6 +318,9 @@ def test_killing_a_hung_grade_kills_its_notebooks(tmp_path):
     course.mkdir()
     shutil.copy(ROOT / "exercises" / "nbgrader_config.py", course)
     shutil.copytree(ROOT / "exercises" / "source", course / "source")
+    # `grade` refuses an assignment that was never released: a released copy, as nbgrader writes it
+    (course / "release" / NAME).mkdir(parents=True)
+    shutil.copy(notebook_path(cli.all_assignments()[NAME]), course / "release" / NAME / f"{NAME}.ipynb")
     source = nbformat.read(notebook_path(cli.all_assignments()[NAME]), as_version=4)
     hang = nbformat.v4.new_code_cell("import os, time\nif os.fork() == 0:\n    os.setsid()\n"
                                      "    while True:\n        time.sleep(0.1)\nwhile True:\n    pass")
