@@ -170,10 +170,9 @@ def check_accumulate_gradients(impl, *, hidden: bool = False) -> None:
                  ("stale .grad from an earlier step must be cleared", mlp, F.mse_loss, x, y, 3, True, None),
                  ("classifier, cross-entropy, 3 micro-batches", clf, F.cross_entropy, x, classes, 3, False, None),
                  ("classifier, 6 micro-batches, stale .grad", clf, F.cross_entropy, x, classes, 6, True, None)]
-        if not c.remote:
-            cases += [("ignore_index: micro-batches weighted by counted tokens", clf, ce, x, padded, 4, False, -100),
-                      ("ignore_index: a micro-batch of padding only", clf, ce, x, empty_chunk, 4, True, -100),
-                      ("ignore_index given, nothing ignored", clf, ce, x, classes, 6, False, -100)]
+        cases += [("ignore_index: micro-batches weighted by counted tokens", clf, ce, x, padded, 4, False, -100),
+                  ("ignore_index: a micro-batch of padding only", clf, ce, x, empty_chunk, 4, True, -100),
+                  ("ignore_index given, nothing ignored", clf, ce, x, classes, 6, False, -100)]
     for name, model, loss_fn, inputs, targets, n, stale, ignore in cases:
         model.zero_grad(set_to_none=True)
         full = loss_fn(model(inputs), targets)
@@ -212,9 +211,9 @@ def check_accumulate_gradients(impl, *, hidden: bool = False) -> None:
         if not torch.is_tensor(loss) or loss.dim() != 0:
             c.fail(name, f"the loss must be a 0-d tensor, got {type(loss).__name__}", args)
         if not torch.allclose(loss.detach(), full.detach(), rtol=1e-5, atol=1e-7):
-            c.fail(name, f"the loss {direction(float(loss), float(full)) or 'is wrong'}"
-                   + ("" if hidden else f": returned {float(loss):.6g}, expected the full-batch mean "
-                                        f"{float(full):.6g}"), args)
+            c.fail(name, f"the loss {direction(float(loss.detach()), float(full.detach())) or 'is wrong'}"
+                   + ("" if hidden else f": returned {float(loss.detach()):.6g}, expected the full-batch mean "
+                                        f"{float(full.detach()):.6g}"), args)
         if loss.requires_grad:
             c.fail(name, "the returned loss must be detached (it still requires grad: `loss.detach()`)", args)
         if not isinstance(grads, (list, tuple)) or len(grads) != len(reference):
@@ -235,10 +234,9 @@ def check_accumulate_gradients(impl, *, hidden: bool = False) -> None:
     if hidden:
         c.expect_raises("n_micro_batches does not divide the batch", ValueError, mlp, F.mse_loss, x, y, 5,
                         what="12 examples cannot be split into 5 equal micro-batches")
-        if not c.remote:
-            c.expect_raises("ignore_index: every target ignored", ValueError, LiveGraphCounter(clf), ce, x,
-                            torch.full((12,), -100), 3, what="the mean over zero counted tokens is undefined",
-                            keywords={"ignore_index": -100})
+        c.expect_raises("ignore_index: every target ignored", ValueError, LiveGraphCounter(clf), ce, x,
+                        torch.full((12,), -100), 3, what="the mean over zero counted tokens is undefined",
+                        keywords={"ignore_index": -100})
 
 
 # ---- allocator -----------------------------------------------------------------------------------
