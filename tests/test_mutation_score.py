@@ -51,4 +51,4 @@ def test_a_task_living_in_another_module_is_scored():
     llmspace.memory) is mutated in its own module; it used to be skipped with a StopIteration."""
     result = mutation_score.score_task(all_assignments()["ex02_memory"], "paged_kv_gather", timeout=60,
                                        log=lambda *a: None)
-    assert result["killed"] >= 15 and result["survived"] == 0 and result["score"] == 1.0
+    assert result["killed"] >= 15 and result["survived"] == 0 and result["timeout"] == 0
