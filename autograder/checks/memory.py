@@ -450,12 +450,12 @@ def check_paged_kv_gather(impl, *, hidden: bool = False) -> None:
     filled or exactly full last block, spare blocks, seq_len 0, half-precision pools, int32 tables, and
     every documented error."""
     c = Checker("paged_kv_gather", impl, hidden, params=_GATHER_PARAMS)
-    f16, bf16, f64, i32 = torch.float16, torch.bfloat16, torch.float64, torch.int32
     # (case, seed, n_blocks, block_size, n_kv_heads, head_dim, table, seq_len, pool dtype, table dtype)
     if not hidden:
         cases = [("permuted table, partly filled last block", 1, 5, 3, 2, 2, [1, 4, 0], 7, None, None),
                  ("last block exactly full", 2, 5, 3, 2, 2, [2, 0], 6, None, None)]
     else:
+        f16, bf16, f64, i32 = torch.float16, torch.bfloat16, torch.float64, torch.int32
         perm = torch.randperm(64, generator=torch.Generator().manual_seed(9)).tolist()
         cases = [("seq_len 0, empty block table", 3, 4, 4, 2, 3, [], 0, None, None),
                  ("seq_len 0, a table with blocks", 4, 4, 4, 2, 3, [2, 1], 0, None, None),
