@@ -84,7 +84,7 @@ def test_no_bare_seed_repr(path):
 def test_table_is_html_with_numbers_right_aligned():
     from llmspace.display import table
     html = table([["fp32 <weights>", "1,234", "5.0%"], ["bf16", "n/a", "10.25×"]], ["weights", "bytes", "share"]).data
-    assert html.startswith('<table class="llmspace-table">') and html.count("<tr>") == 3
+    assert html.startswith('<table class="table llmspace-table">') and html.count("<tr>") == 3
     assert "fp32 &lt;weights&gt;" in html                    # cells are escaped, not injected
     cells = re.findall(r"<td([^>]*)>\s*([^<]*?)\s*</td>", html)
     assert [c[1] for c in cells] == ["fp32 &lt;weights&gt;", "1,234", "5.0%", "bf16", "n/a", "10.25×"]

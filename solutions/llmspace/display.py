@@ -122,4 +122,4 @@ def table(rows, headers, align=None):
     elif len(align) != len(headers):
         raise ValueError(f"align has {len(align)} entries, expected {len(headers)}")
     html = tabulate(rows, headers, tablefmt="html", disable_numparse=True, colalign=align)
-    return HTML(str(html).replace("<table>", '<table class="llmspace-table">', 1))
+    return HTML(str(html).replace("<table>", '<table class="table llmspace-table">', 1))
