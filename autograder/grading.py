@@ -392,14 +392,15 @@ class RemoteFunction:
     an in-place update where the task asks for one and "modified its input argument" where it does not,
     while nothing the student does reaches the check's own objects. Write-backs keep type, shape, dtype and
     names (elementwise into existing arrays, tensors and parameters; never a new ``.data``), else the call
-    fails with a TypeError. A result that *is* one of the arguments comes back as that same object.
+    fails with a TypeError. Keyword arguments travel the same way but are not written back (checks pass
+    only immutable values, such as ``ignore_index=-100``, by keyword). A result that *is* one of the arguments comes back as that same object.
     """
 
     def __init__(self, sandbox: Sandbox, name: str):
         self.sandbox, self.name, self.__name__ = sandbox, name, name
 
-    def __call__(self, *args):
-        reply = self.sandbox.call(self.name, args)
+    def __call__(self, *args, **kwargs):
+        reply = self.sandbox.call(self.name, args, kwargs)
         if reply.get("undefined") is True:
             raise NameError(f"{self.name} is not defined (did its cell run without errors?)")
         ok = reply.get("ok")

@@ -889,8 +889,10 @@ class Sandbox:
         self._send({"op": "defined", "name": name})
         return bool(self._reply(30.0, f"looking up {name}").get("defined"))
 
-    def call(self, name: str, args: tuple) -> dict:
-        self._send({"op": "call", "name": name, "args": cloudpickle.dumps(args)}, self.limits.call_seconds)
+    def call(self, name: str, args: tuple, kwargs: dict | None = None) -> dict:
+        """Call the student's ``name(*args, **kwargs)`` in the sandbox; the reply as the worker wrote it."""
+        self._send({"op": "call", "name": name, "args": cloudpickle.dumps(args),
+                    "kwargs": cloudpickle.dumps(dict(kwargs or {}))}, self.limits.call_seconds)
         reply = self._reply(self.limits.call_seconds, f"calling {name}")
         self._check_limits()
         return reply

@@ -6,7 +6,7 @@ each (4-byte big-endian length + payload). Commands are pickles from the trusted
 produced by :mod:`codec` — the only thing the grader ever reads from here. Cell output is captured with
 a size cap; stdout/stderr file descriptors point at a capped log, never at the grader.
 
-Commands: ``{"op": "run", "source": str}``, ``{"op": "call", "name": str, "args": tuple}``,
+Commands: ``{"op": "run", "source": str}``, ``{"op": "call", "name": str, "args": tuple, "kwargs": dict}``,
 ``{"op": "defined", "name": str}``, ``{"op": "exit"}``.
 """
 import json
@@ -128,13 +128,14 @@ def main():
                 write_frame(reply_fd, {"ok": False, "undefined": True})
                 continue
             args = pickle.loads(cmd["args"])
+            kwargs = pickle.loads(cmd["kwargs"]) if "kwargs" in cmd else {}
             out = CappedWriter()
             saved = sys.stdout, sys.stderr
             sys.stdout = sys.stderr = out
             try:
                 with warnings.catch_warnings(record=True) as caught:   # the grader re-emits them
                     warnings.simplefilter("always")
-                    result = fn(*args)
+                    result = fn(*args, **kwargs)
             except BaseException as exc:  # noqa: BLE001 - SystemExit from student code is an answer too
                 _exit_if_forked()
                 sys.stdout, sys.stderr = saved

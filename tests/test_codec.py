@@ -122,3 +122,20 @@ def test_exception_mro_crosses_the_real_worker():
             with pytest.raises(ValueError) as info:
                 parse(kind)
             assert type(info.value).__name__ == name
+
+
+def test_keyword_arguments_cross_the_real_worker():
+    """A check may pass a keyword (``accumulate_gradients(..., ignore_index=-100)``): it reaches the
+    student's function in the sandbox, and a keyword the function lacks is the student's TypeError."""
+    from autograder.grading import RemoteFunction
+    from autograder.sandbox import Sandbox
+    source = ("def f(a, *, ignore_index=None, scale=1):\n"
+              "    return [a, ignore_index, scale]\n"
+              "def g(a):\n    return a\n")
+    with Sandbox() as box:
+        assert box.run_cell(source)["ok"]
+        f = RemoteFunction(box, "f")
+        assert f(1) == [1, None, 1]
+        assert f(2, ignore_index=-100, scale=3) == [2, -100, 3]
+        with pytest.raises(TypeError, match="ignore_index"):
+            RemoteFunction(box, "g")(1, ignore_index=-100)

@@ -186,7 +186,7 @@ class FakeSandbox:
     def __init__(self, reply):
         self.reply = reply
 
-    def call(self, name, args):
+    def call(self, name, args, kwargs=None):
         return self.reply(args) if callable(self.reply) else self.reply
 
 

@@ -439,7 +439,7 @@ WRITER = textwrap.dedent("""
         def slow_fsync(fd):
             print("writing done", flush=True)
             time.sleep(60)
-        S.os.fsync = slow_fsync
+        os.fsync = slow_fsync             # the os module every storage module uses
     big = {f"w{i}": torch.full((1 << 20,), float(i)) for i in range(32)}   # 128 MiB
     print("start", flush=True)
     (S.save_file if mode == "plain" else S.save_checkpoint)(big, path)

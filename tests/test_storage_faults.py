@@ -296,8 +296,9 @@ def equal_sd(a, b):
 KILL_AFTER_FIRST_SHARD = textwrap.dedent("""
     import os, signal, sys, torch
     from llmspace import storage as S
+    from llmspace.storage import checkpoint
     calls = []
-    real = S._atomic_write
+    real = checkpoint._atomic_write
     def dying(path, write):
         calls.append(path)
         if len(calls) == 2:                       # the second shard: die halfway through its bytes
@@ -307,7 +308,7 @@ KILL_AFTER_FIRST_SHARD = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(path, half_then_die)
         return real(path, write)
-    S._atomic_write = dying
+    checkpoint._atomic_write = dying              # every shard is written by checkpoint.save_checkpoint
     g = torch.Generator().manual_seed(1)
     sd = {f"layers.{i}.weight": torch.randn(64, 64, generator=g) for i in range(6)}
     S.save_sharded(sd, sys.argv[1], max_shard_bytes=40000, checkpoint=True)

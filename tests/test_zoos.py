@@ -16,9 +16,8 @@ results and exceptions come back through :mod:`autograder.codec`.
 
 A wrong entry's docstring may end with a line ``Message: <regex>``: the failure message must match it
 (the message names the problem). Without one, the failure must still be a graded case failure (it names
-a case), never a grader error or "not implemented". A line ``Remote: <why>`` marks a bug that only a case
-the sandbox cannot run yet catches (keyword arguments): it must still fail in-process (tests/test_checks.py)
-and is an expected failure here while the limitation lasts.
+a case), never a grader error or "not implemented". Keyword arguments cross the boundary too (e.g.
+``accumulate_gradients(..., ignore_index=-100)``), so every entry is graded exactly as a student would be.
 """
 from __future__ import annotations
 
@@ -124,9 +123,6 @@ def test_zoo_entry_through_the_grader(assignment, kind, name):
     if kind == "alt":
         assert passed, f"a valid answer lost points: {message}"
         return
-    remote_gap = re.search(r"^\s*Remote:\s*(.+?)\s*$", inspect.getdoc(fn) or "", re.M)
-    if passed and remote_gap:   # a documented limit of the call protocol; the in-process test catches it
-        pytest.xfail(remote_gap.group(1))
     assert not passed, "a wrong answer got full marks"
     assert "not implemented yet" not in message and "grader error" not in message
     assert "case '" in message, f"the failure names no case: {message}"

@@ -313,8 +313,7 @@ class Checker:
 
     @property
     def remote(self) -> bool:
-        """Whether the implementation runs in the grader's sandbox (a RemoteFunction), whose call
-        protocol carries positional arguments only."""
+        """Whether the implementation runs in the grader's sandbox (a RemoteFunction)."""
         return getattr(self.impl, "sandbox", None) is not None
 
     def call(self, case: str, *args, hint: str = "", mutates: tuple = (), new: bool = False,
@@ -324,7 +323,7 @@ class Checker:
         ``mutates``: indices of the arguments the task allows (or requires) the function to change; the
         changed copies are in :attr:`last_args`. Any other argument that changes fails the case.
         ``new``: the result must be a new object, not one of the arguments. ``keywords``: keyword
-        arguments (in-process only: see :attr:`remote`)."""
+        arguments (immutable values only: they are neither copied nor checked for changes)."""
         copies = tuple(_copy(a) for a in args)
         self.last_args = copies
         try:

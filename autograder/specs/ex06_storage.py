@@ -38,7 +38,7 @@ like `[2**64, 0]` has zero elements but is still invalid, and the element count 
 the way. Raise `ValueError` (or a subclass) with a message that names the problem. `int.from_bytes` and
 `_parse_header_json` are all you need.
 """),
-        Task("parse_safetensors_header", points=4,
+        Task("parse_safetensors_header", points=4, module="llmspace.storage.format",
              forbids=('safetensors',)),
         Markdown("""\
 ## Task 2: read one tensor by its offsets
@@ -48,7 +48,7 @@ With the header parsed, a tensor is a slice of the file: `buf[data_start + begin
 the caller's memory, so copy the slice into a `bytearray` first; and it rejects an empty buffer, so
 handle zero-element tensors. Use your `parse_safetensors_header`.
 """),
-        Task("read_tensor", points=2,
+        Task("read_tensor", points=2, module="llmspace.storage.format",
              forbids=('safetensors',)),
         Markdown("""\
 ## Task 3: shard a state dict under a size limit
@@ -58,7 +58,7 @@ Large checkpoints are split into files of at most a few GB (5 GB is the Hugging 
 in order, measuring tensors in **bytes** (`numel() * element_size()`); close the current shard when
 the next tensor would push it past the limit; a tensor larger than the limit gets a shard of its own.
 """),
-        Task("shard_state_dict", points=3,
+        Task("shard_state_dict", points=3, module="llmspace.storage.sharding",
              forbids=('huggingface_hub', 'transformers.modeling_utils')),
         Markdown("""\
 ## Task 4: an LRU layer cache

@@ -22,8 +22,10 @@ What each strategy keeps per rank, for ``P`` parameters on ``N`` ranks (fp32 Ada
   stages and each stage idles for a fraction ``(p - 1) / (m + p - 1)`` of the step (the bubble).
 
 Sharding here is per parameter: each parameter is flattened, padded to a multiple of ``N`` and cut into
-``N`` equal pieces. That is neither FSDP1's nor FSDP2's layout: FSDP1 and DeepSpeed flatten *all*
-parameters of a unit into one padded buffer and cut that; FSDP2 keeps each parameter a ``DTensor``
+``N`` equal pieces. That is DeepSpeed ZeRO-3's layout (``partition_parameters.py`` pads each parameter's
+element count to a multiple of the world size), but neither FSDP1's nor FSDP2's: FSDP1 flattens *all*
+parameters of a unit into one padded buffer and cuts that (DeepSpeed's ZeRO-1/2 flatten each parameter
+group likewise); FSDP2 keeps each parameter a ``DTensor``
 chunked on dim 0 (``torch.chunk``: ``ceil(rows / N)`` rows per rank, the last ranks getting fewer or
 none), so its per-rank bytes differ from ours when ``N`` does not divide the rows. Collectives: ``all_reduce``, ``reduce_scatter_single`` and
 ``all_gather_single`` (gloo supports all three on CPU in torch 2.13; ``reduce_scatter_tensor`` and

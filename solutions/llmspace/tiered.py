@@ -27,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from llmspace.storage import SafetensorsFile, _checkpoint_plan, tensor_bytes
+from llmspace.storage.format import SafetensorsFile, tensor_bytes
+from llmspace.storage.sharding import _checkpoint_plan
 
 __all__ = ["simulate_lru", "TieredLayerCache", "offloaded_forward", "pin_module", "upload_weights"]
 
