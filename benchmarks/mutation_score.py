@@ -102,11 +102,18 @@ EQUIVALENT: dict[tuple[str, str, str, int | None], str] = {
         "an end past the data section leaves the coverage walk past data_size, which raises ValueError",
     ("parse_safetensors_header", "1->0", "if offsets[1] > data_size:", None):
         "an end past the data section leaves the coverage walk past data_size, which raises ValueError",
-    ("parse_safetensors_header", "0->1", "or not 0 <= offsets[0] <= offsets[1]):", 36):
-        "0 <= offsets[1] <= offsets[1]: begin > end then fails the byte-count check (end - begin < 0) and "
-        "a negative begin the coverage walk (it starts at 0)",
-    ("parse_safetensors_header", "1->0", "or not 0 <= offsets[0] <= offsets[1]):", 50):
-        "0 <= begin <= begin: begin > end then fails the byte-count check (end - begin < 0 != prod * size)",
+    ("parse_safetensors_header", "0->1", "or not offsets[0] <= offsets[1]):", 31):
+        "offsets[1] <= offsets[1]: begin > end then fails the byte-count check (end - begin < 0)",
+    ("parse_safetensors_header", "1->0", "or not offsets[0] <= offsets[1]):", 45):
+        "begin <= begin: begin > end then fails the byte-count check (end - begin < 0 != prod * size)",
+    ("parse_safetensors_header", "Lt->LtE", "and 0 <= x < _U64_LIMIT", None):
+        "admits 2**64 itself: as a shape entry the element-count overflow check refuses it, as an offset "
+        "the byte-count or bounds check (no in-memory file has 2**64 bytes)",
+    ("parse_safetensors_header", "GtE->Gt", "if bits >= _U64_LIMIT or bits % 8:", None):
+        "bits == 2**64 exactly means 2**61 data bytes: the bounds check refuses it for any in-memory file",
+    ("parse_safetensors_header", "FloorDiv->Div", "nbytes = bits // 8", None):
+        "bits is a multiple of 8 here (checked just before), so bits / 8 == bits // 8 for every size a "
+        "file in memory can have",
     ("parse_safetensors_header", "Sub->Add", "is larger than the file: only {size - 8} bytes", None):
         "changes only the text of the error message",
     ("parse_safetensors_header", "8->9", "is larger than the file: only {size - 8} bytes", None):

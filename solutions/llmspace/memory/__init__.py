@@ -20,7 +20,8 @@ public sources differ only in which copies they count — see :data:`PRECISION_P
 
 Layout — one module per concern, every public name re-exported here:
 
-* :mod:`llmspace.memory.transformer` — :class:`Transformer`, its configurations, the Llama-2 shapes;
+* :mod:`llmspace.models.transformer` — :class:`Transformer`, its configurations, the Llama-2 shapes (it lives
+  with the other models the book measures; re-exported here);
 * :mod:`llmspace.memory.measurement` — tensor and storage bytes, saved-tensor hooks, the allocator's
   peak (:func:`measure_peak_bytes`, :func:`measure_training_peaks`);
 * this file — the estimator (conventions, model states, activations) and the exercise functions
@@ -44,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # one module per concern; every public name is re-exported here (``from llmspace.memory import X``)
-from llmspace.memory.transformer import (LLAMA2_7B, LLAMA2_70B, SMALL_CONFIGS, Transformer,  # noqa: F401
+from llmspace.models.transformer import (LLAMA2_7B, LLAMA2_70B, SMALL_CONFIGS, Transformer,  # noqa: F401
                                          TransformerConfig)
 from llmspace.memory.measurement import (MemoryBreakdown, SavedTensorLog, measure_peak_bytes,  # noqa: F401
                                          measure_training_memory, measure_training_peaks,

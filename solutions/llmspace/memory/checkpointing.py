@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmspace.memory.measurement import SavedTensorLog, measure_peak_bytes
-from llmspace.memory.transformer import Transformer
+from llmspace.models.transformer import Transformer
 
 __all__ = ["checkpoint_segments", "checkpointed_activation_bytes", "segment_bounds"]
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from llmspace.memory.transformer import Transformer, TransformerConfig
+from llmspace.models.transformer import Transformer, TransformerConfig
 
 __all__ = ["tensor_bytes", "storage_bytes", "SavedTensorLog", "saved_activation_bytes", "MemoryBreakdown",
            "measure_training_memory", "measure_peak_bytes", "measure_training_peaks"]

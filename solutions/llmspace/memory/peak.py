@@ -7,7 +7,7 @@ import math
 import torch
 
 from llmspace.memory import _policy, activation_bytes
-from llmspace.memory.transformer import Transformer, TransformerConfig
+from llmspace.models.transformer import Transformer, TransformerConfig
 
 __all__ = ["estimate_step_peaks"]
 

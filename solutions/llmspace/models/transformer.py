@@ -1,5 +1,6 @@
 """The small transformer whose saved tensors chapter 2 counts (GPT-2 or Llama shaped), its
-configurations, and the Llama-2 shapes. Part of :mod:`llmspace.memory`, which re-exports every name."""
+configurations, and the Llama-2 shapes. Part of :mod:`llmspace.models` (the models the book measures);
+:mod:`llmspace.memory` re-exports every name, so ``from llmspace.memory import Transformer`` works too."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace

@@ -34,6 +34,10 @@ def shard_state_dict(state_dict: dict, max_shard_bytes: int,
     current shard stays open). A tensor's size is ``numel * element_size`` bytes. Shards are listed in
     the order they are appended: a shard when it closes (the last one at the end), an oversized
     tensor's shard when it is met — so it comes *before* the shard that was open at that moment.
+    Tied weights — names whose tensors share one storage, e.g. an LM head tied to the token embedding
+    (the same tensor object under two names) — are stored once: the later name joins the shard of the
+    first one and adds nothing to that shard's bytes or to ``total_size`` (``huggingface_hub``'s rule).
+    Tensors on the ``meta`` device have no storage and are never tied.
 
     Args:
         state_dict: name → ``torch.Tensor``.
