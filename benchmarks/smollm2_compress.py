@@ -304,6 +304,15 @@ def prune_variants(layers, seeds):
     return out
 
 
+def fresh_copy(base: nn.Module, layers) -> nn.Module:
+    """A deep copy of ``base`` whose compressed layers (decoder layers ``layers``, all when None) own their
+    tensors, while every other parameter and buffer (embeddings, norms, untouched layers) is shared with
+    ``base`` — the variants only modify or replace the compressed layers' linears."""
+    prefixes = ("model.layers.",) if layers is None else tuple(f"model.layers.{i}." for i in layers)
+    shared = [t for name, t in [*base.named_parameters(), *base.named_buffers()] if not name.startswith(prefixes)]
+    return copy.deepcopy(base, memo={id(t): t for t in shared})
+
+
 def stored_bytes(model, layers) -> dict:
     stored = numel = 0
     for name, m in model.named_modules():
@@ -387,7 +396,7 @@ def run(kind: str, *, smoke: bool = False, write: bool = True) -> dict:
     variants = quant_variants(layers, seeds) if kind == "quant" else prune_variants(layers, seeds)
     for vname, seed, make in tqdm(variants, desc=kind):
         t0 = time.time()
-        model = copy.deepcopy(base)
+        model = fresh_copy(base, layers)
         with torch.no_grad():
             info = make(model, calib)
         compress_s = time.time() - t0
