@@ -419,6 +419,7 @@ def run(kind: str, *, smoke: bool = False, write: bool = True) -> dict:
             info["fp16_column_fraction_by_kind"] = {k: c / max(calls, 1) / width
                                                     for k, (c, calls, width) in per_kind.items()}
         stats = E.paired_bootstrap(dense, nll, seed=0)
+        stats["bootstrap_seed"] = stats.pop("seed")        # "seed" is the calibration seed of the variant
         payload["rows"].append({"variant": vname, "seed": seed, **info, **stats,
                                 "compress_seconds": compress_s, "seconds": time.time() - t0, "nll": nll.tolist()})
         print(f"{vname} (seed {seed}): ppl {stats['ppl_variant']:.3f} vs {stats['ppl_base']:.3f}, "
