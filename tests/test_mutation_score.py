@@ -44,3 +44,11 @@ def test_a_check_that_misses_a_bug_lets_its_mutant_survive(monkeypatch):
     result = mutation_score.score_task(all_assignments()["ex01_sparse"], "matrix_vector_multiply", timeout=60,
                                        log=lambda *a: None)
     assert any("delete Raise" in s["mutant"] for s in result["survivors"]) and result["score"] < 1
+
+
+def test_a_task_living_in_another_module_is_scored():
+    """A task with ``Task(module=...)`` (ex02's paged_kv_gather lives in llmspace.kv_cache, not
+    llmspace.memory) is mutated in its own module; it used to be skipped with a StopIteration."""
+    result = mutation_score.score_task(all_assignments()["ex02_memory"], "paged_kv_gather", timeout=60,
+                                       log=lambda *a: None)
+    assert result["killed"] >= 15 and result["survived"] == 0 and result["timeout"] == 0

@@ -153,7 +153,8 @@ def test_load_smollm2_offline_real_cache_and_text():
 
 # ---- paged KV cache -------------------------------------------------------------------------------
 
-from llmspace.kv_cache import KVCacheFull, PagedKVCache, paged_attention, simulate_kv_serving  # noqa: E402
+from llmspace.kv_cache import (KVCacheFull, PagedKVCache, paged_attention, paged_kv_gather,  # noqa: E402
+                               simulate_kv_serving)
 
 
 def test_paged_cache_holds_transformers_keys_and_values():
@@ -187,6 +188,53 @@ def test_paged_cache_holds_transformers_keys_and_values():
     assert 7 not in cache.block_tables and cache.free_blocks == 5    # nothing taken on failure
     with pytest.raises(ValueError, match="n_kv_heads, head_dim"):
         cache.append(0, torch.zeros(3, 1, 3, 8), torch.zeros(3, 1, 3, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seq_len", [0, 1, 7, 8, 13, 16])
+def test_paged_kv_gather_reads_back_what_was_scattered(seq_len, dtype):
+    """Reference: the contiguous keys/values themselves, written token by token into a pool of junk
+    through a permuted block table with spare blocks (a plain Python loop, independent of the gather)."""
+    g = torch.Generator().manual_seed(seq_len)
+    block_size, n_blocks = 4, 9
+    k_pool = torch.randn(n_blocks, block_size, 2, 3, generator=g).to(dtype)
+    v_pool = torch.randn(n_blocks, block_size, 2, 3, generator=g).to(dtype)
+    table = torch.tensor([7, 2, 5, 0], dtype=torch.int32)              # room for 16 tokens
+    keys = torch.randn(seq_len, 2, 3, generator=g).to(dtype)
+    values = torch.randn(seq_len, 2, 3, generator=g).to(dtype)
+    for t in range(seq_len):
+        k_pool[int(table[t // block_size]), t % block_size] = keys[t]
+        v_pool[int(table[t // block_size]), t % block_size] = values[t]
+    before = k_pool.clone(), v_pool.clone()
+    k, v = paged_kv_gather(k_pool, v_pool, table, seq_len)
+    assert k.dtype == v.dtype == dtype and k.shape == v.shape == (seq_len, 2, 3)
+    assert torch.equal(k, keys) and torch.equal(v, values)
+    assert torch.equal(k_pool, before[0]) and torch.equal(v_pool, before[1])
+
+
+def test_paged_kv_gather_bad_input():
+    pool = torch.zeros(4, 2, 1, 3)
+    table = torch.tensor([3, 0])
+    for bad_table in (torch.tensor([4, 0]), torch.tensor([-1, 0]), torch.tensor([0, 1, 9])):
+        with pytest.raises(ValueError, match=r"\[0, 4\)"):
+            paged_kv_gather(pool, pool, bad_table, 1)
+    for bad_len in (-1, 5):
+        with pytest.raises(ValueError, match="seq_len"):
+            paged_kv_gather(pool, pool, table, bad_len)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        paged_kv_gather(pool, pool, table.float(), 1)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        paged_kv_gather(pool, pool, [3, 0], 1)
+    with pytest.raises(ValueError, match="1-D"):
+        paged_kv_gather(pool, pool, table[None], 1)
+    with pytest.raises(ValueError, match="same|one dtype"):
+        paged_kv_gather(pool, pool.double(), table, 1)
+    with pytest.raises(ValueError, match="n_blocks, block_size"):
+        paged_kv_gather(pool[0], pool[0], table, 1)
+    with pytest.raises(TypeError, match="tensors"):
+        paged_kv_gather(pool.numpy(), pool, table, 1)
+    empty = paged_kv_gather(pool, pool, torch.zeros(0, dtype=torch.int64), 0)
+    assert [t.shape for t in empty] == [(0, 1, 3), (0, 1, 3)]
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])

@@ -171,7 +171,7 @@ def _case_names(hidden: bool, monkeypatch) -> set:
         m.setattr(Checker, "call", recording_call)
         m.setattr(Checker, "expect_raises", recording_raises)
         for assignment, task in TASKS:
-            reference = getattr(importlib.import_module(assignment.module), task.function)
+            reference = getattr(importlib.import_module(task.module or assignment.module), task.function)
             check = getattr(importlib.import_module(f"autograder.checks.{assignment.topic}"), f"check_{task.function}")
             check(reference, hidden=hidden)
     return names
@@ -209,11 +209,13 @@ def _stripped_checks(files) -> dict:
     return modules
 
 
-def _answers(assignment, function):
+def _answers(assignment, task):
     """The reference, the unsolved stub, and every wrong or alternative answer in the fixtures."""
     def stub(*args, **kwargs):
         raise NotImplementedError()
-    answers = [("reference", getattr(importlib.import_module(assignment.module), function)), ("stub", stub)]
+    function = task.function
+    answers = [("reference", getattr(importlib.import_module(task.module or assignment.module), function)),
+               ("stub", stub)]
     for kind in ("wrong", "alt"):
         try:
             module = importlib.import_module(f"autograder.fixtures.{assignment.topic}_{kind}")
@@ -251,7 +253,7 @@ def _compare_verdicts(stripped):
     for assignment, task in TASKS:
         original = getattr(importlib.import_module(f"autograder.checks.{assignment.topic}"), f"check_{task.function}")
         mine = getattr(stripped[assignment.topic], f"check_{task.function}")
-        for name, answer in _answers(assignment, task.function):
+        for name, answer in _answers(assignment, task):
             ours, theirs = _verdict(mine, answer), _verdict(original, answer)
             if ours != theirs and _verdict(original, answer) != theirs:
                 # the instructor's own message varies from run to run (e.g. a case named after the first key

@@ -391,3 +391,166 @@ def check_zero1_adam_step(impl, *, hidden: bool = False) -> None:
                 if full.shape != (n,) or not torch.allclose(full, adam.state[ref][key], rtol=1e-9, atol=1e-12):
                     c.fail(name, f"{key} shards differ from Adam's {'first' if key == 'exp_avg' else 'second'} "
                                  f"moment at step {step} (update the state dicts in place)", args)
+
+
+# ---- paged KV cache --------------------------------------------------------------------------------
+
+_GATHER_PARAMS = ("k_pool", "v_pool", "block_table", "seq_len")
+
+
+def _paged_pools(seed, n_blocks, block_size, heads, head_dim, table, seq_len, dtype=torch.float32,
+                 table_dtype=torch.int64, short=False):
+    """Pools full of other data (random: other sequences, stale slots) with one sequence of ``seq_len``
+    tokens written into them token by token through ``table``. The expected gather is that sequence
+    itself, so the reference is the data the check wrote, not another gather. ``short``: values with one
+    decimal (readable in visible feedback)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(*shape):
+        x = torch.randn(shape, generator=g)
+        return ((x * 10).round() / 10 if short else x).to(dtype)
+    shape = (n_blocks, block_size, heads, head_dim)
+    k_pool, v_pool = draw(*shape), draw(*shape)
+    keys, values = draw(seq_len, heads, head_dim), draw(seq_len, heads, head_dim)
+    for t in range(seq_len):
+        k_pool[table[t // block_size], t % block_size] = keys[t]
+        v_pool[table[t // block_size], t % block_size] = values[t]
+    return k_pool, v_pool, torch.tensor(table, dtype=table_dtype), keys, values
+
+
+def _tokens(n):
+    return f"{n} token" + ("" if n == 1 else "s")
+
+
+def _misreading(got, k_pool, table, seq_len):
+    """Which common misreading of the block table ``got`` (keys) matches, as a hint; "" if none."""
+    block_size = k_pool.shape[1]
+    t = torch.arange(seq_len)
+    readings = {
+        "logical block i was read from physical block i: look its physical block up in block_table":
+            lambda: k_pool[t // block_size, t % block_size],
+        "the blocks were read as if consecutive in the pool from block_table[0]; a sequence's blocks can "
+        "be anywhere, in any order: read block_table[i] for logical block i":
+            lambda: k_pool.reshape(-1, *k_pool.shape[2:])[int(table[0]) * block_size + t],
+        "block number and slot are swapped: token t is in block block_table[t // block_size] at slot "
+        "t % block_size": lambda: k_pool[table[t % block_size], t // block_size],
+    }
+    for hint, read in readings.items():
+        try:
+            if torch.equal(read(), got):
+                return hint
+        except (IndexError, RuntimeError):
+            continue
+    return ""
+
+
+def check_paged_kv_gather(impl, *, hidden: bool = False) -> None:
+    """Gather one sequence out of block pools through its block table, against the sequence the check
+    wrote into pools of random other data (vLLM's layout, Kwon et al. 2023): permuted tables, a partly
+    filled or exactly full last block, spare blocks, seq_len 0, half-precision pools, int32 tables, and
+    every documented error."""
+    c = Checker("paged_kv_gather", impl, hidden, params=_GATHER_PARAMS)
+    # (case, seed, n_blocks, block_size, n_kv_heads, head_dim, table, seq_len, pool dtype, table dtype)
+    if not hidden:
+        cases = [("permuted table, partly filled last block", 1, 5, 3, 2, 2, [1, 4, 0], 7, None, None),
+                 ("last block exactly full", 2, 5, 3, 2, 2, [2, 0], 6, None, None)]
+    else:
+        f16, bf16, f64, i32 = torch.float16, torch.bfloat16, torch.float64, torch.int32
+        perm = torch.randperm(64, generator=torch.Generator().manual_seed(9)).tolist()
+        cases = [("seq_len 0, empty block table", 3, 4, 4, 2, 3, [], 0, None, None),
+                 ("seq_len 0, a table with blocks", 4, 4, 4, 2, 3, [2, 1], 0, None, None),
+                 ("one token", 5, 6, 4, 2, 3, [4], 1, None, None),
+                 ("last block exactly full, no spare block", 6, 9, 4, 3, 2, [8, 1, 5, 3], 16, None, None),
+                 ("spare blocks at the end of the table", 7, 9, 4, 2, 3, [6, 0, 3, 8, 2], 9, None, None),
+                 ("block_size 1", 8, 10, 1, 2, 2, [9, 3, 0, 7, 1, 4, 8], 7, None, None),
+                 ("sequence inside one block", 10, 4, 16, 2, 3, [3], 5, None, None),
+                 ("block 0 and the last block", 11, 6, 4, 2, 3, [5, 0, 2], 9, None, None),
+                 ("blocks in descending order", 12, 8, 3, 2, 3, [7, 6, 5, 4], 11, None, None),
+                 ("one KV head (MQA), head_dim 1", 13, 5, 4, 1, 1, [1, 4, 2], 10, None, None),
+                 ("float16 pools", 14, 8, 4, 2, 3, [6, 1, 3], 10, f16, None),
+                 ("bfloat16 pools", 15, 8, 4, 2, 3, [2, 7, 0], 11, bf16, None),
+                 ("float64 pools", 16, 8, 4, 2, 3, [4, 5, 1], 9, f64, None),
+                 ("int32 block table", 17, 8, 4, 2, 3, [7, 3, 1, 6], 14, None, i32),
+                 ("SmolLM2 shapes: 3 KV heads of 64, 44 of 64 blocks of 16, 700 tokens", 18, 64, 16, 3, 64,
+                  perm[:44], 700, None, None)]
+    for name, seed, n_blocks, block_size, heads, head_dim, table, seq_len, dtype, table_dtype in cases:
+        k_pool, v_pool, block_table, keys, values = _paged_pools(
+            seed, n_blocks, block_size, heads, head_dim, table, seq_len, dtype or torch.float32,
+            table_dtype or torch.int64, short=not hidden)
+        args = (k_pool, v_pool, block_table, seq_len)
+        got = c.call(name, *args, new=True, hint="token t is in physical block block_table[t // block_size] at "
+                                                 "slot t % block_size; seq_len tokens use the first "
+                                                 "ceil(seq_len / block_size) entries of the table")
+        if not isinstance(got, (tuple, list)) or len(got) != 2 or not all(isinstance(x, torch.Tensor) for x in got):
+            c.fail(name, f"must return a tuple (keys, values) of two tensors, got {type(got).__name__}"
+                   + (f" of {len(got)} items" if isinstance(got, (tuple, list)) else ""), args)
+        expected_shape = (seq_len, heads, head_dim)
+        for what, result, reference in (("keys", got[0], keys), ("values", got[1], values)):
+            shape = tuple(result.shape)
+            if shape != expected_shape:
+                full_blocks = seq_len // block_size * block_size
+                if shape == (heads, seq_len, head_dim):
+                    why = "the token axis must come first: (seq_len, n_kv_heads, head_dim)"
+                elif result.dim() == 3 and shape[1:] == expected_shape[1:] and shape[0] < seq_len \
+                        and shape[0] == full_blocks:
+                    why = (f"{_tokens(seq_len - shape[0])} of the partly filled last block missing: "
+                           f"{seq_len} tokens need ceil(seq_len / block_size) blocks")
+                elif result.dim() == 3 and shape[1:] == expected_shape[1:] and shape[0] > seq_len:
+                    why = (f"{_tokens(shape[0] - seq_len)} too many: the unused slots of the last block and any "
+                           f"spare blocks hold other data; return the first seq_len tokens only")
+                elif result.dim() == 3 and shape[1:] == expected_shape[1:]:
+                    why = (f"{_tokens(seq_len - shape[0])} too few: seq_len tokens span the first "
+                           f"ceil(seq_len / block_size) blocks of the table, wherever they are in the pool")
+                else:
+                    why = "expected (seq_len, n_kv_heads, head_dim)"
+                c.fail(name, f"{what} have shape {shape}, expected {expected_shape}: {why}", args)
+            if result.dtype != reference.dtype:
+                c.fail(name, f"{what} have dtype {result.dtype}, expected {reference.dtype} (the pools' dtype: "
+                             f"copy the cached values, do not convert them)", args)
+        k, v = got
+        if torch.equal(k, keys) and torch.equal(v, values):
+            continue
+        if seq_len and torch.equal(k, values) and torch.equal(v, keys):
+            c.fail(name, "keys and values are swapped: read keys from k_pool and values from v_pool", args)
+        if seq_len and torch.equal(k, keys) and torch.equal(v, keys):
+            c.fail(name, "values are wrong: they equal the keys (read the values from v_pool)", args)
+        for what, result, reference, pool in (("keys", k, keys, k_pool), ("values", v, values, v_pool)):
+            if torch.equal(result, reference):
+                continue
+            wrong = (result != reference).reshape(seq_len, -1).any(1).nonzero().flatten()
+            t = int(wrong[0])
+            hint = _misreading(result, pool, block_table, seq_len)
+            c.fail(name, f"{what} are wrong: {len(wrong)} of {seq_len} tokens differ, the first is token "
+                         f"{t} (logical block {t // block_size}, slot {t % block_size}; it lives in physical "
+                         f"block block_table[{t // block_size}])" + (f" — {hint}" if hint else ""), args)
+    if not hidden:
+        k_pool, v_pool, block_table, _, _ = _paged_pools(19, 5, 3, 2, 2, [2, 0], 6, short=True)
+        c.expect_raises("seq_len beyond the table's capacity", ValueError, k_pool, v_pool, block_table, 7,
+                        what="2 blocks of 3 tokens hold at most 6")
+        return
+    k_pool, v_pool, table, _, _ = _paged_pools(20, 6, 4, 2, 3, [1, 4, 2], 10)
+    bad = [("seq_len one past the capacity", ValueError, (k_pool, v_pool, table, 13),
+            "3 blocks of 4 tokens hold at most 12"),
+           ("seq_len beyond the capacity of an empty table", ValueError,
+            (k_pool, v_pool, torch.zeros(0, dtype=torch.int64), 1), "an empty table holds no token"),
+           ("negative seq_len", ValueError, (k_pool, v_pool, table, -1), "seq_len must be >= 0"),
+           ("entry equal to n_blocks", ValueError, (k_pool, v_pool, torch.tensor([1, 6, 2]), 10),
+            "block numbers are in [0, n_blocks)"),
+           ("negative entry (would wrap around to the last block)", ValueError,
+            (k_pool, v_pool, torch.tensor([1, -1, 2]), 10), "block numbers are in [0, n_blocks)"),
+           ("bad entry in a spare block", ValueError, (k_pool, v_pool, torch.tensor([1, 4, 2, 17]), 10),
+            "every entry must be a block number in [0, n_blocks), read or not"),
+           ("v_pool of another dtype", ValueError, (k_pool, v_pool.double(), table, 10),
+            "k_pool and v_pool must have the same dtype"),
+           ("v_pool of another shape", ValueError, (k_pool, v_pool[:, :, :1], table, 10),
+            "k_pool and v_pool must have the same shape"),
+           ("3-D pools", ValueError, (k_pool[0], v_pool[0], table, 2), "pools are 4-D"),
+           ("2-D block table", ValueError, (k_pool, v_pool, table[None], 10), "block_table must be 1-D"),
+           ("float block table", TypeError, (k_pool, v_pool, table.float(), 10),
+            "block_table must be an int32 or int64 tensor"),
+           ("block table as a list", TypeError, (k_pool, v_pool, [1, 4, 2], 10),
+            "block_table must be an int32 or int64 tensor"),
+           ("pools as numpy arrays", TypeError, (k_pool.numpy(), v_pool.numpy(), table, 10),
+            "k_pool and v_pool must be tensors")]
+    for name, error, args, what in bad:
+        c.expect_raises(name, error, *args, what=what)

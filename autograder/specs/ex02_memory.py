@@ -11,8 +11,8 @@ ASSIGNMENT = Assignment(
 
 Companion to chapter 2 of the llmspace book. You will write the pieces of a training-memory budget and
 two of the techniques that shrink it: the per-rank bytes of model states under ZeRO, the bytes one
-transformer block saves for backward, gradient accumulation, the free list of a caching allocator and a
-ZeRO-1 optimizer step.
+transformer block saves for backward, gradient accumulation, the free list of a caching allocator, a
+ZeRO-1 optimizer step, and — at serving time — reading a sequence out of a paged KV cache.
 
 **How this works.** Each task is a function whose signature and docstring are the specification. Replace
 `raise NotImplementedError()` with your code. The cell after each function runs its checks against
@@ -72,5 +72,19 @@ shard with Adam (with bias correction), then all-gather the shards into the full
         Task("zero1_adam_step", points=3,
              forbids=('torch.optim.Adam', 'torch.optim.AdamW', 'torch.optim.adam', 'torch.optim._functional',
                       'torch.distributed.optim.ZeroRedundancyOptimizer')),
+        Markdown("""\
+## Task 6: reading a sequence out of a paged KV cache
+
+A serving engine keeps the KV cache of all its sequences in one pool of fixed-size blocks (vLLM's
+PagedAttention). A sequence does not own a contiguous range of the pool: it owns a *block table*, the
+list of physical blocks that hold its logical blocks 0, 1, 2, ... in order, wherever they are. Token `t`
+lives in block `block_table[t // block_size]` at slot `t % block_size`, and only the last block may be
+partly filled. Gather one sequence's keys and values back into token order — what an attention kernel
+does through the table before (or while) it computes scores. Fragmentation is what this layout buys
+away: a sequence wastes at most the unused slots of its last block. Blocks not in the table, and the
+unused slots of the last block, hold other sequences' data: do not return them, and do not modify the
+pools. `PagedKVCache.gather` in `llmspace.kv_cache` calls this function.
+"""),
+        Task("paged_kv_gather", points=2, module="llmspace.kv_cache"),
     ],
 )

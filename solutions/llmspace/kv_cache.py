@@ -14,7 +14,7 @@ holds 22.5 KiB.
 """
 from __future__ import annotations
 
-__all__ = ["kv_cache_bytes", "kv_dims", "PagedKVCache", "KVCacheFull", "paged_attention", "simulate_kv_serving",
+__all__ = ["kv_cache_bytes", "kv_dims", "paged_kv_gather", "PagedKVCache", "KVCacheFull", "paged_attention", "simulate_kv_serving",
            "fake_quantize_kv", "quantized_kv_bytes_per_token", "KVQuantizedLM", "request_trace"]
 
 
@@ -77,6 +77,66 @@ def kv_cache_bytes(config, batch_size: int, seq_len: int, dtype_bytes: float = 2
 import torch  # noqa: E402  (kept below the byte formula, which needs no torch)
 
 
+def paged_kv_gather(k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                    seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read one sequence's keys and values out of a paged KV cache, in token order.
+
+    A paged KV cache (vLLM's PagedAttention, Kwon et al. 2023) keeps the keys and values of all
+    sequences in one pool of fixed-size *physical* blocks of ``block_size`` tokens. A sequence owns a
+    **block table**: its *logical* block ``i`` (tokens ``i * block_size`` to ``(i + 1) * block_size - 1``)
+    lives in physical block ``block_table[i]``, wherever that block sits in the pool. So token ``t`` is
+    in block ``block_table[t // block_size]`` at slot ``t % block_size``. Only the sequence's last
+    block may be partly filled; its remaining slots, and every block not in the table, hold other
+    data (other sequences, stale values) and must not be read into the result.
+
+    Args:
+        k_pool, v_pool: the key and value pools of one layer, tensors of shape
+            ``(n_blocks, block_size, n_kv_heads, head_dim)``, the same shape and the same (any) dtype.
+        block_table: 1-D ``torch.int64`` or ``torch.int32`` tensor of physical block numbers, each in
+            ``[0, n_blocks)``. Entries need not be sorted or consecutive. The table may hold more blocks
+            than ``seq_len`` needs (spare blocks at its end are not read), but every entry must be valid.
+        seq_len: int, the number of cached tokens of the sequence,
+            ``0 <= seq_len <= len(block_table) * block_size``.
+
+    Returns:
+        ``(keys, values)``: two tensors of shape ``(seq_len, n_kv_heads, head_dim)`` with the pools'
+        dtype (values copied exactly, no conversion); row ``t`` is token ``t``. ``seq_len = 0`` gives
+        two empty ``(0, n_kv_heads, head_dim)`` tensors. The pools and the block table are not modified.
+
+    Raises:
+        TypeError: if ``k_pool`` or ``v_pool`` is not a tensor, or ``block_table`` is not an int32 or
+            int64 tensor.
+        ValueError: if ``k_pool`` is not 4-D, ``v_pool`` differs from it in shape or dtype,
+            ``block_table`` is not 1-D, an entry of ``block_table`` is outside ``[0, n_blocks)``
+            (negative entries included: they must not wrap around), or ``seq_len`` is negative or
+            more than ``len(block_table) * block_size``.
+    """
+    if not isinstance(k_pool, torch.Tensor) or not isinstance(v_pool, torch.Tensor):
+        raise TypeError(f"k_pool and v_pool must be tensors, got {type(k_pool).__name__} and "
+                        f"{type(v_pool).__name__}")
+    if k_pool.dim() != 4 or v_pool.shape != k_pool.shape or v_pool.dtype != k_pool.dtype:
+        raise ValueError(f"k_pool and v_pool must both be (n_blocks, block_size, n_kv_heads, head_dim) of one "
+                         f"dtype, got {tuple(k_pool.shape)} {k_pool.dtype} and {tuple(v_pool.shape)} {v_pool.dtype}")
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"block_table must be an int32 or int64 tensor, got "
+                        f"{getattr(block_table, 'dtype', type(block_table).__name__)}")
+    if block_table.dim() != 1:
+        raise ValueError(f"block_table must be 1-D, got shape {tuple(block_table.shape)}")
+    n_blocks, block_size = k_pool.shape[0], k_pool.shape[1]
+    ### BEGIN SOLUTION
+    if seq_len < 0 or seq_len > len(block_table) * block_size:
+        raise ValueError(f"seq_len must be in [0, {len(block_table) * block_size}] ({len(block_table)} blocks "
+                         f"of {block_size} tokens), got {seq_len}")
+    if len(block_table) and (block_table.min() < 0 or block_table.max() >= n_blocks):
+        raise ValueError(f"block_table entries must be block numbers in [0, {n_blocks}), got "
+                         f"{block_table.min().item()}..{block_table.max().item()}")
+    tokens = torch.arange(seq_len)
+    blocks = block_table[tokens // block_size]          # physical block of each token
+    slots = tokens % block_size                          # its slot inside that block
+    return k_pool[blocks, slots], v_pool[blocks, slots]
+    ### END SOLUTION
+
+
 class KVCacheFull(RuntimeError):
     """No free block is left: a server would preempt or queue a sequence here."""
 
@@ -93,7 +153,8 @@ class PagedKVCache:
     allocation per request), applied to the one tensor of a server that grows token by token.
 
     Storage: ``keys``/``values`` of shape ``(n_layers, n_blocks, block_size, n_kv_heads, head_dim)``.
-    Token ``t`` of a sequence lives in block ``table[t // block_size]``, slot ``t % block_size``.
+    Token ``t`` of a sequence lives in block ``table[t // block_size]``, slot ``t % block_size``
+    (:func:`paged_kv_gather` reads a sequence back through its table).
     """
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, *, block_size: int, n_blocks: int,
@@ -162,11 +223,8 @@ class PagedKVCache:
         """Keys and values of ``seq_id`` at ``layer`` in token order → two ``(T, n_kv_heads, head_dim)``."""
         if seq_id not in self.block_tables:
             raise KeyError(f"unknown sequence {seq_id!r}")
-        length = self.lengths[seq_id]
-        table = torch.tensor(self.block_tables[seq_id])
-        k = self.keys[layer, table].reshape(-1, *self.keys.shape[3:])[:length]
-        v = self.values[layer, table].reshape(-1, *self.values.shape[3:])[:length]
-        return k, v
+        table = torch.tensor(self.block_tables[seq_id], dtype=torch.int64)
+        return paged_kv_gather(self.keys[layer], self.values[layer], table, self.lengths[seq_id])
 
     def free(self, seq_id) -> None:
         """Return the blocks of a finished sequence to the pool."""

@@ -156,7 +156,7 @@ class TinyLM(nn.Module):
 
 def _windows(data: torch.Tensor, context: int, max_windows: int | None) -> torch.Tensor:
     """Non-overlapping windows of ``context + 1`` bytes → ``(n, context + 1)`` int64."""
-    n = (data.numel() - 1) // (context + 1) if data.numel() > context else 0
+    n = data.numel() // (context + 1)        # a window holds its own targets: k * (context + 1) bytes are k windows
     if max_windows is not None:
         n = min(n, max_windows)
     return data[: n * (context + 1)].view(n, context + 1).long()
