@@ -549,3 +549,34 @@ def test_chapter_outputs_have_no_object_reprs_or_text_tables(site, page):
         problems += [f"{path}: repr {o.strip()[:80]!r}" for o in outputs if " at 0x" in o]
         problems += [f"{path}: text table {p.strip()[:80]!r}" for p in pres if looks_like_text_table(p)]
     assert not problems, "\n".join(problems)
+
+
+def test_chapters_link_their_code(site, page):
+    """Code you can open: every chapter page links the llmspace objects it uses (inline code naming them and
+    the names its code cells import) to their API reference entries, and the repository files and tests it
+    names to highlighted copies in the site (book/_ext/code_links.py); every link lands on an existing anchor."""
+    import re
+    chapters = sorted(p.relative_to(HTML).as_posix() for p in HTML.glob("book/0*/*.html"))
+    assert len(chapters) >= 6
+    targets, counts = {}, {}
+    for name in chapters:
+        page.goto(f"{site}/{name}")
+        hrefs = page.locator("main a.llmspace-code-link").evaluate_all("els => els.map(a => a.href)")
+        api = {h for h in hrefs if "/book/api/" in h and "#llmspace." in h}
+        counts[name] = (len(api), len({h for h in hrefs if "/_repo/" in h or "/_modules/" in h}))
+        for href in hrefs:
+            targets.setdefault(href, name)
+    assert all(n_api >= 2 for n_api, _ in counts.values()), counts
+    assert sum(n_api for n_api, _ in counts.values()) >= 60, counts
+    assert sum(n_repo for _, n_repo in counts.values()) >= 20, counts
+    assert any("/_repo/tests/" in h and "#L-" in h for h in targets)      # a test named in the text, at its line
+    pages = {}
+    for href, source in sorted(targets.items()):
+        url, _, anchor = href.partition("#")
+        if url not in pages:
+            response = page.request.get(url)
+            assert response.ok, (source, href)
+            pages[url] = response.text()
+        if anchor:
+            assert re.search(rf'\bid="{re.escape(anchor)}"', pages[url]), (source, href)
+    assert not page.console_errors, page.console_errors
