@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TRITON_INTERPRET := 1
 ASSIGNMENTS := $(notdir $(wildcard exercises/source/ex*))
 
-.PHONY: help venv book serve exercises student lab sync test test-fast chromium postgres bubblewrap benchmarks clean
+.PHONY: help venv book serve exercises student lab sync test test-fast chromium nodejs postgres bubblewrap benchmarks clean
 
 help:
 	@echo "make book        build the executed book into _build/html (creates .venv on first use)"
@@ -55,7 +55,7 @@ lab: venv exercises
 	  --ServerApp.root_dir=$(CURDIR)/exercises --ServerApp.open_browser=False \
 	  $$([ "$$(id -u)" = 0 ] && echo --ServerApp.allow_root=True)
 
-book: venv exercises student
+book: venv exercises student nodejs
 	$(PY) -m autograder.sync --check
 	$(PY) book/_ext/interview_index.py --check
 	jupyter-book build . --config _config.yml --toc _toc.yml --warningiserror --keep-going
@@ -72,6 +72,13 @@ chromium:
 	elif [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || exit 1; \
 	else echo "chromium missing and not root: the browser test will be skipped (apt-get install chromium)"; fi
+
+# Debian's Node.js: the book's math is typeset at build time (book/_ext/static_math.py), not in the browser.
+nodejs:
+	@if command -v node >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs >/dev/null) || exit 1; \
+	else echo "node missing and not root: install Debian's nodejs to build the book" && exit 1; fi
 
 # PostgreSQL for the shared-gradebook test (Debian's server, started here; SQLite stays the default).
 postgres:

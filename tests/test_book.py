@@ -318,7 +318,140 @@ def test_theme_settings(site, page):
     search = page.locator(".search-button-field:visible, .search-button:visible")
     assert search.count() == 1, search.count()                                # one search box
     page.goto(f"{site}/book/03-quantization/index.html")
-    assert page.locator("script[src*='mathjax']").count() >= 1
+    # math is typeset at build time (book/_ext/static_math.py): markup, per-page styles and fonts, no script
+    assert page.locator("main mjx-container[jax=CHTML]").count() >= 20
+    assert page.locator("script[src*='mathjax'], script[src*='MathJax']").count() == 0
+    assert page.locator("style#llmspace-math").count() == 1
+    labels = page.locator("main mjx-container").evaluate_all("els => els.map(e => e.getAttribute('aria-label'))")
+    assert all(labels) and any("\\frac" in label for label in labels)        # the TeX source, for screen readers
+    page.evaluate("document.fonts.ready.then(() => 0)")
+    assert page.evaluate("[...document.fonts].filter(f => f.family.startsWith('MJX') && f.status === 'loaded').length") >= 1
+    assert not page.console_errors, page.console_errors
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout at phone and desktop width, print, and page weight
+# ------------------------------------------------------------------------------------------------
+
+def _site_pages() -> list[str]:
+    """Every HTML page of the built site (chapters, API reference, source pages, index, search), except
+    the root index.html, which only redirects to book/intro.html."""
+    pages = sorted(p.relative_to(HTML).as_posix() for p in HTML.rglob("*.html")
+                   if p.relative_to(HTML).parts[0] not in ("_static", "reports") and p.relative_to(HTML).as_posix() != "index.html")
+    assert len(pages) >= 40 and "book/02-memory-strategies/index.html" in pages and "_modules/index.html" in pages
+    return pages
+
+
+# The elements that make a page wider than the viewport, by the innermost overflowing element named by its
+# block (an equation, a code span, a table...): overflow that a scroll box of its own (or a fixed drawer)
+# contains does not count, text wider than its box does.
+WIDE_ELEMENTS_JS = """() => { const w = document.documentElement.clientWidth, out = [], seen = new Set();
+  const right = e => { const r = e.getBoundingClientRect(), s = getComputedStyle(e);
+    return s.overflowX === 'visible' && e.scrollWidth > e.clientWidth && e.clientWidth > 0
+      ? Math.max(r.right, r.left + e.scrollWidth) : r.right; };
+  const contained = e => { for (let a = e.parentElement; a; a = a.parentElement) {
+      const s = getComputedStyle(a); if (s.position === 'fixed') return true;
+      if (s.overflowX !== 'visible') return a.getBoundingClientRect().right <= w + 0.5; }
+    return false; };
+  const over = e => e.getBoundingClientRect().width > 0 && right(e) > w + 0.5 && !contained(e)
+    && getComputedStyle(e).position !== 'fixed';
+  for (const leaf of document.body.querySelectorAll('*')) {
+    if (!over(leaf) || [...leaf.children].some(over)) continue;
+    const e = leaf.closest('mjx-container, code, pre, table, svg, img, select, input, textarea') || leaf;
+    if (seen.has(e)) continue; seen.add(e);
+    const cls = [...e.classList].slice(0, 3).map(c => '.' + c).join('');
+    out.push(`${e.tagName.toLowerCase()}${cls} to x=${Math.round(right(e))}: "${(e.textContent || '').trim().replace(/\\s+/g, ' ').slice(0, 70)}"`); }
+  return out; }"""
+
+
+@pytest.mark.parametrize("width", [390, 1280])
+def test_no_page_scrolls_sideways(site, browser, width):
+    """A phone (390 x 844) and a desktop: on every page of the site the document is no wider than the
+    viewport; long code words wrap, code, outputs, tables and equations scroll inside their own box."""
+    context = browser.new_context(viewport={"width": width, "height": 844})
+    page = context.new_page()
+    wide = {}
+    for name in _site_pages():
+        page.goto(f"{site}/{name}")
+        page.wait_for_load_state("load")
+        scroll_width, inner_width = page.evaluate("[document.documentElement.scrollWidth, innerWidth]")
+        if scroll_width > inner_width:
+            wide[name] = (scroll_width, page.evaluate(WIDE_ELEMENTS_JS)[:8])
+    context.close()
+    assert not wide, f"pages wider than {width} px:\n" + "\n".join(
+        f"{name}: {sw} px\n    " + "\n    ".join(elements) for name, (sw, elements) in wide.items())
+
+
+def test_print_keeps_every_column_and_equation(site, browser):
+    """Printed (print media, about an A4 text column wide), a chapter is clipped nowhere: no scroll box keeps
+    part of a table, code cell, output or equation off the paper, and nothing runs past the column."""
+    context = browser.new_context(viewport={"width": 650, "height": 900})
+    page = context.new_page()
+    page.emulate_media(media="print")
+    clipped = {}
+    chapters = sorted(p.relative_to(HTML).as_posix() for p in HTML.glob("book/0*/*.html"))
+    assert len(chapters) >= 6
+    for name in chapters:
+        page.goto(f"{site}/{name}")
+        page.wait_for_load_state("load")
+        boxes = page.evaluate("""() => [...document.querySelectorAll('main *')].filter(e =>
+            !e.tagName.startsWith('MJX-') && e.offsetParent !== null && getComputedStyle(e).overflowX !== 'visible'
+            && e.scrollWidth > e.clientWidth + 1).map(e => `${e.tagName.toLowerCase()}.${[...e.classList].join('.')}`
+            + ` ${e.scrollWidth} > ${e.clientWidth} px: "${e.textContent.trim().slice(0, 50)}"`)""")
+        if boxes or page.evaluate("document.documentElement.scrollWidth > innerWidth"):
+            clipped[name] = boxes + page.evaluate(WIDE_ELEMENTS_JS)
+    context.close()
+    assert not clipped, clipped
+
+
+PAGE_WEIGHT_LIMIT = int(1.5 * 2**20)      # bytes per chapter page, figures excluded (issue 15)
+
+
+def test_chapter_page_weight(site, browser):
+    """Every chapter page, opened with an empty cache, transfers at most 1.5 MiB of HTML, CSS, JavaScript
+    and fonts (figures excluded). Writes the per-page numbers to _build/page-weights.json."""
+    import json
+    weights, heavy = {}, {}
+    chapters = sorted(p.relative_to(HTML).as_posix() for p in HTML.glob("book/0*/*.html"))
+    assert len(chapters) >= 6
+    for name in chapters:
+        context = browser.new_context(viewport={"width": 390, "height": 844})   # a cold cache per page
+        page = context.new_page()
+        page.goto(f"{site}/{name}")
+        page.wait_for_load_state("load")
+        page.evaluate("document.fonts.ready.then(() => 0)")
+        page.wait_for_timeout(300)                                   # late font and script requests
+        entries = page.evaluate("""() => [...performance.getEntriesByType('navigation'),
+            ...performance.getEntriesByType('resource')].map(e => [e.name, e.initiatorType, e.transferSize])""")
+        context.close()
+        figures = sum(size for url, kind, size in entries if kind == "img" or "/_images/" in url)
+        rest = [(size, url) for url, kind, size in entries if not (kind == "img" or "/_images/" in url)]
+        total = sum(size for size, _ in rest)
+        weights[name] = {"bytes": total, "figure_bytes": figures, "requests": len(rest),
+                         "largest": {url.split("/", 3)[-1]: size for size, url in sorted(rest, reverse=True)[:5]}}
+        scripts = " ".join(url for _, url in rest)
+        assert "fontawesome.js" not in scripts and "searchindex.js" not in scripts and "mathjax/" not in scripts, name
+        assert all(size > 0 for size, _ in rest), name                 # a cold cache: everything transferred
+        if total > PAGE_WEIGHT_LIMIT:
+            heavy[name] = weights[name]
+    (HTML.parent / "page-weights.json").write_text(json.dumps(weights, indent=1))
+    print("\n".join(f"{n}: {w['bytes'] / 2**20:.2f} MiB (+ {w['figure_bytes'] / 2**20:.2f} MiB figures)"
+                    for n, w in weights.items()))
+    assert not heavy, heavy
+
+
+def test_download_menu_entries_resolve(site, page):
+    """The header's download menu offers only what exists: the page's source file and print-to-PDF."""
+    page.goto(f"{site}/book/03-quantization/index.html")
+    items = page.locator(".dropdown-download-buttons .dropdown-item")
+    assert items.count() >= 1
+    for i in range(items.count()):
+        href = items.nth(i).get_attribute("href")
+        if href is None:
+            assert items.nth(i).get_attribute("onclick") == "window.print()"
+            continue
+        response = page.request.get(f"{site}/book/03-quantization/{href}")
+        assert response.ok, href
     assert not page.console_errors, page.console_errors
 
 
@@ -416,3 +549,34 @@ def test_chapter_outputs_have_no_object_reprs_or_text_tables(site, page):
         problems += [f"{path}: repr {o.strip()[:80]!r}" for o in outputs if " at 0x" in o]
         problems += [f"{path}: text table {p.strip()[:80]!r}" for p in pres if looks_like_text_table(p)]
     assert not problems, "\n".join(problems)
+
+
+def test_chapters_link_their_code(site, page):
+    """Code you can open: every chapter page links the llmspace objects it uses (inline code naming them and
+    the names its code cells import) to their API reference entries, and the repository files and tests it
+    names to highlighted copies in the site (book/_ext/code_links.py); every link lands on an existing anchor."""
+    import re
+    chapters = sorted(p.relative_to(HTML).as_posix() for p in HTML.glob("book/0*/*.html"))
+    assert len(chapters) >= 6
+    targets, counts = {}, {}
+    for name in chapters:
+        page.goto(f"{site}/{name}")
+        hrefs = page.locator("main a.llmspace-code-link").evaluate_all("els => els.map(a => a.href)")
+        api = {h for h in hrefs if "/book/api/" in h and "#llmspace." in h}
+        counts[name] = (len(api), len({h for h in hrefs if "/_repo/" in h or "/_modules/" in h}))
+        for href in hrefs:
+            targets.setdefault(href, name)
+    assert all(n_api >= 2 for n_api, _ in counts.values()), counts
+    assert sum(n_api for n_api, _ in counts.values()) >= 60, counts
+    assert sum(n_repo for _, n_repo in counts.values()) >= 20, counts
+    assert any("/_repo/tests/" in h and "#L-" in h for h in targets)      # a test named in the text, at its line
+    pages = {}
+    for href, source in sorted(targets.items()):
+        url, _, anchor = href.partition("#")
+        if url not in pages:
+            response = page.request.get(url)
+            assert response.ok, (source, href)
+            pages[url] = response.text()
+        if anchor:
+            assert re.search(rf'\bid="{re.escape(anchor)}"', pages[url]), (source, href)
+    assert not page.console_errors, page.console_errors
