@@ -2,15 +2,24 @@
 
 fp32 vs int8 per-channel vs int4 RTN (several group sizes) vs GPTQ at 4 and 3 bits, plus NF4. Every
 nn.Linear of the model is quantized (attention qkv/proj, MLP, output head: 99% of the weights not in
-embeddings); embeddings and LayerNorms stay fp32. Perplexity on the first 1024 windows (129 bytes each)
-of the validation split; GPTQ calibrates on 64 windows of the *training* split.
-Writes benchmarks/results/quant_tiny_lm.json.
+embeddings); embeddings and LayerNorms stay fp32.
+
+Evaluation: the tiny LM's one evaluation slice, the whole validation split (``llmspace.models.EVAL_BYTES``:
+3,205 windows of 129 bytes from 16 files the model never trained on), scored window by window, so that
+every variant is compared with fp32 -- and GPTQ with round-to-nearest on the same grid -- by a paired
+bootstrap over windows (``llmspace.evaluate.paired_bootstrap``, 2,000 resamples, 95%). Round to nearest
+and NF4 have no seed; GPTQ calibrates on 64 random 128-byte windows of the *training* split, drawn with
+each of CALIB_SEEDS, so its rows show the spread over calibration draws.
+Writes benchmarks/results/quant_tiny_lm.json (~10 min on 2 cores).
 
     python benchmarks/quant_tiny_lm.py
+    python benchmarks/quant_tiny_lm.py --smoke   # 64 windows, one seed, two schemes, writes nothing
 """
 from __future__ import annotations
 
 import copy
+import hashlib
+import math
 import sys
 import time
 from pathlib import Path
@@ -21,10 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 from quant_minilm import linear_weight_bytes, nf4_model  # noqa: E402
 
+from llmspace import evaluate as E  # noqa: E402
 from llmspace import quant as Q  # noqa: E402
-from llmspace.models import load_corpus, load_tiny_lm, perplexity  # noqa: E402
+from llmspace.models import EVAL_BYTES, TINY_LM_WEIGHTS, load_corpus, load_tiny_lm, window_nll  # noqa: E402
 
-WINDOWS = 1024
+CALIB_SEEDS = (0, 1, 2)
+CALIB_WINDOWS = 64
 SCHEMES = [  # name, bits, group_size, method, symmetric
     ("int8 per-channel RTN", 8, None, "rtn", True),
     ("int4 g32 RTN", 4, 32, "rtn", True),
@@ -36,41 +47,81 @@ SCHEMES = [  # name, bits, group_size, method, symmetric
     ("int3 g32 RTN affine", 3, 32, "rtn", False),
     ("int3 g32 GPTQ affine", 3, 32, "gptq", False),
 ]
+# Orderings the chapter draws, each tested window by window: (better?, baseline), same windows.
+ORDERINGS = [("int4 g128 RTN affine", "int4 g128 RTN"), ("NF4 block 64", "int4 g128 RTN affine"),
+             ("NF4 block 64", "int4 g32 RTN")]
+
+
+def calibration_windows(train: torch.Tensor, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, train.numel() - 129, (CALIB_WINDOWS,), generator=gen)
+    return train[starts[:, None] + torch.arange(128)].long()
 
 
 def main() -> None:
+    global CALIB_SEEDS, SCHEMES, ORDERINGS
+    smoke = "--smoke" in sys.argv
     torch.set_num_threads(2)
+    t0 = time.perf_counter()
     corpus = load_corpus()
-    validation = corpus["validation"]
-    gen = torch.Generator().manual_seed(0)
-    starts = torch.randint(0, corpus["train"].numel() - 129, (64,), generator=gen)
-    calibration = corpus["train"][starts[:, None] + torch.arange(128)].long()
+    val = corpus["validation"][:EVAL_BYTES if not smoke else 64 * 129]
+    if smoke:
+        CALIB_SEEDS, SCHEMES, ORDERINGS = (0,), [SCHEMES[3], SCHEMES[4]], ORDERINGS[1:2]
     base = load_tiny_lm()
     linear_bytes, linear_numel = linear_weight_bytes(base)
-    ppl = lambda m: perplexity(m, validation, max_windows=WINDOWS)  # noqa: E731
-    rows = [{"scheme": "fp32", "bits_per_weight": 8 * linear_bytes / linear_numel, "linear_weight_bytes": linear_bytes,
-             "model_bytes": Q.model_bytes(base), "perplexity": ppl(base), "seconds": 0.0}]
+    dense = window_nll(base, val)
+    nll = {("fp32", None): dense}
+    rows = [{"scheme": "fp32", "calib_seed": None, "bits_per_weight": 8 * linear_bytes / linear_numel,
+             "linear_weight_bytes": linear_bytes, "model_bytes": Q.model_bytes(base),
+             "perplexity": math.exp(dense.mean().item()), "seconds": 0.0}]
     print(rows[-1], flush=True)
+
+    def add(name, seed, model, stored, numel, model_bytes, seconds):
+        nll[(name, seed)] = window_nll(model, val)
+        rows.append({"scheme": name, "calib_seed": seed, "bits_per_weight": 8 * stored / numel,
+                     "linear_weight_bytes": stored, "model_bytes": model_bytes,
+                     "perplexity": math.exp(nll[(name, seed)].mean().item()),
+                     "vs_fp32": E.paired_bootstrap(dense, nll[(name, seed)]), "seconds": round(seconds, 1)})
+        print({k: rows[-1][k] for k in ("scheme", "calib_seed", "perplexity")}, flush=True)
+
     for name, bits, group_size, method, symmetric in SCHEMES:
-        start = time.perf_counter()
-        model = Q.quantize_model(copy.deepcopy(base), bits, group_size, method, symmetric=symmetric,
-                                 calibrate=lambda m: m(calibration))
-        seconds = time.perf_counter() - start
-        stored, numel = linear_weight_bytes(model)
-        rows.append({"scheme": name, "bits_per_weight": 8 * stored / numel, "linear_weight_bytes": stored,
-                     "model_bytes": Q.model_bytes(model), "perplexity": ppl(model), "seconds": round(seconds, 1)})
-        print(rows[-1], flush=True)
+        for seed in (CALIB_SEEDS if method == "gptq" else (None,)):
+            calibration = calibration_windows(corpus["train"], seed) if seed is not None else None
+            start = time.perf_counter()
+            model = Q.quantize_model(copy.deepcopy(base), bits, group_size, method, symmetric=symmetric,
+                                     calibrate=None if calibration is None else (lambda m: m(calibration)))
+            stored, numel = linear_weight_bytes(model)
+            add(name, seed, model, stored, numel, Q.model_bytes(model), time.perf_counter() - start)
     model, stored, numel = nf4_model(copy.deepcopy(base))
-    rows.append({"scheme": "NF4 block 64", "bits_per_weight": 8 * stored / numel, "linear_weight_bytes": stored,
-                 "model_bytes": Q.model_bytes(base) - linear_bytes + stored, "perplexity": ppl(model), "seconds": 0.0})
-    print(rows[-1], flush=True)
+    add("NF4 block 64", None, model, stored, numel, Q.model_bytes(base) - linear_bytes + stored, 0.0)
+
+    comparisons = []
+    for name, bits, group_size, method, symmetric in SCHEMES:
+        if method == "gptq":   # GPTQ against round to nearest on the same grid (same bits, groups, zero points)
+            rtn = name.replace("GPTQ", "RTN")
+            for seed in CALIB_SEEDS:
+                comparisons.append({"variant": name, "calib_seed": seed, "baseline": rtn,
+                                    **E.paired_bootstrap(nll[(rtn, None)], nll[(name, seed)])})
+    for variant, baseline in ORDERINGS:
+        comparisons.append({"variant": variant, "calib_seed": None, "baseline": baseline,
+                            **E.paired_bootstrap(nll[(baseline, None)], nll[(variant, None)])})
+    for c in comparisons:
+        print(f"{c['variant']} (calibration seed {c['calib_seed']}) / {c['baseline']}: {c['ratio']:.4f} "
+              f"[{c['ratio_low']:.4f}, {c['ratio_high']:.4f}]", flush=True)
+    if smoke:
+        return
     write_result("quant_tiny_lm", {
         "settings": {"model": "llmspace.models.load_tiny_lm() (assets/tiny_lm.safetensors)",
-                     "evaluation": f"perplexity over the first {WINDOWS} windows of 129 bytes of the validation split",
-                     "calibration": "64 random windows of 128 bytes of the training split (seed 0)",
+                     "tiny_lm_sha256": hashlib.sha256(TINY_LM_WEIGHTS.read_bytes()).hexdigest(),
+                     "evaluation": "the whole validation split: llmspace.models.EVAL_BYTES = 3205 windows of 129 bytes",
+                     "n_windows": int(dense.numel()),
+                     "calibration": f"GPTQ: {CALIB_WINDOWS} random windows of 128 bytes of the training split, "
+                                    f"one draw per seed in {list(CALIB_SEEDS)}",
+                     "bootstrap": {"n_resamples": 2000, "confidence": 0.95, "seed": 0},
                      "quantized": "every nn.Linear (weight-only); embeddings and LayerNorms fp32",
-                     "scales": "fp16; zero points int8 (affine only)"},
-        "linear_weights": linear_numel, "rows": rows})
+                     "scales": "fp16; zero points int8 (affine only)", "threads": torch.get_num_threads()},
+        "linear_weights": linear_numel, "rows": rows, "comparisons": comparisons,
+        "seconds": round(time.perf_counter() - t0, 1)})
 
 
 if __name__ == "__main__":

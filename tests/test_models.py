@@ -52,6 +52,9 @@ def test_committed_weights_reproduce_the_recorded_perplexity():
     assert sum(p.numel() for p in model.parameters()) == record["parameters"]
     ppl = M.perplexity(model, corpus["validation"][:M.EVAL_BYTES])
     assert ppl == pytest.approx(record["eval_slice_perplexity"], rel=1e-4)
+    # the one evaluation slice is the whole split: every window of 129 bytes, the rest (< 129 bytes) dropped
+    assert M.EVAL_BYTES == corpus["validation"].numel() // 129 * 129
+    assert ppl == pytest.approx(record["validation_perplexity"], rel=1e-4)
     assert ppl < 8   # far below the 256 of a uniform guess and the ~20 of a unigram model
 
 
@@ -69,8 +72,8 @@ def test_perplexity_of_a_uniform_model_is_256():
 
 
 def test_perplexity_scores_every_whole_window():
-    """k * (context + 1) bytes are k windows (the fixed slice EVAL_BYTES = 64 windows, not 63); the reference
-    is F.cross_entropy over the windows written out by hand."""
+    """k * (context + 1) bytes are k windows (64 * 129 bytes are 64 windows, not 63); the reference is
+    F.cross_entropy over the windows written out by hand, window by window for ``window_nll``."""
     class PreviousByte(torch.nn.Module):      # predicts the previous byte again: content-dependent losses
         def forward(self, idx):
             return 4.0 * torch.nn.functional.one_hot(idx, 256).float()
@@ -81,7 +84,14 @@ def test_perplexity_scores_every_whole_window():
         logits = PreviousByte()(windows[:, :-1])
         ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), windows[:, 1:].reshape(-1)).exp().item()
         assert M.perplexity(PreviousByte(), data[: k * (context + 1)], context=context) == pytest.approx(ref, rel=1e-6)
-    assert M.EVAL_BYTES == 64 * 129
+        per_window = torch.nn.functional.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none").mean(1)
+        nll = M.window_nll(PreviousByte(), data[: k * (context + 1)], context=context, batch_size=2)
+        assert nll.dtype == torch.float64 and nll.shape == (k,)
+        torch.testing.assert_close(nll, per_window.double(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="uint8"):
+        M.window_nll(PreviousByte(), data.long(), context=context)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        M.window_nll(PreviousByte(), data[:context], context=context)
 
 
 def test_sentences_are_real_and_deterministic():

@@ -23,7 +23,9 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"   # llmspace/assets
 TINY_LM_WEIGHTS = ASSETS / "tiny_lm.safetensors"
 TINY_LM_RECORD = ASSETS / "tiny_lm.json"
 VALIDATION_EVERY = 10        # file i of the sorted list is validation when i % 10 == 9
-EVAL_BYTES = 64 * 129        # the fixed evaluation slice: the first 64 windows of 129 validation bytes
+# The tiny LM's one evaluation slice, used by every page and benchmark: the whole validation split (16 files,
+# 413,540 bytes) cut into its 3,205 non-overlapping windows of 129 bytes (the last 95 bytes fit no window).
+EVAL_BYTES = 3205 * 129
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,18 +142,24 @@ def _windows(data: torch.Tensor, context: int, max_windows: int | None) -> torch
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, data: torch.Tensor, *, context: int = 128, batch_size: int = 64,
-               max_windows: int | None = None) -> float:
-    """exp(mean next-byte cross-entropy) over non-overlapping windows of ``context + 1`` bytes.
+def window_nll(model: nn.Module, data: torch.Tensor, *, context: int = 128, batch_size: int = 64,
+               max_windows: int | None = None) -> torch.Tensor:
+    """Mean next-byte cross-entropy (nats) of each non-overlapping window of ``context + 1`` bytes.
 
     Args:
         model: maps ``(B, context)`` int64 to ``(B, context, 256)`` logits.
-        data: 1-D uint8 tensor of bytes (e.g. ``load_corpus()["validation"]``).
+        data: 1-D uint8 tensor of bytes (e.g. ``load_corpus()["validation"][:EVAL_BYTES]``).
         max_windows: evaluate only the first windows (``None``: all).
 
-    Every position of every window is scored (the first byte of a window predicts from a context of 1,
-    the last from ``context``), so the number is comparable across models, not with sliding-window
-    evaluations.
+    Returns:
+        float64 tensor ``(n_windows,)``: window ``i`` covers bytes ``i*(context+1)`` to
+        ``(i+1)*(context+1) - 1``, and every one of its ``context`` targets is scored (the first byte
+        predicts from a context of 1, the last from ``context``). Two models scored on the same data are
+        paired window by window, which is what ``llmspace.evaluate.paired_bootstrap`` needs.
+
+    Raises:
+        TypeError: ``data`` is not a 1-D uint8 tensor.
+        ValueError: ``data`` is shorter than one window.
     """
     if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
         raise TypeError(f"data must be a 1-D uint8 tensor, got {type(data).__name__}"
@@ -161,16 +169,34 @@ def perplexity(model: nn.Module, data: torch.Tensor, *, context: int = 128, batc
         raise ValueError(f"data has {data.numel()} bytes, fewer than one window of {context + 1}")
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start:start + batch_size]
-        logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
-                               reduction="none")
-        total += loss.double().sum().item()   # float64 sum: a float32 one drifts over 10^5 bytes
-        count += batch[:, 1:].numel()
-    model.train(was_training)
-    return math.exp(total / count)
+    out = []
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            batch = windows[start:start + batch_size]
+            logits = model(batch[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
+                                   reduction="none")
+            out.append(loss.view(batch.shape[0], -1).double().mean(dim=1))   # float64: 10^5 bytes summed later
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def perplexity(model: nn.Module, data: torch.Tensor, *, context: int = 128, batch_size: int = 64,
+               max_windows: int | None = None) -> float:
+    """exp(mean next-byte cross-entropy) over non-overlapping windows of ``context + 1`` bytes.
+
+    Args:
+        model: maps ``(B, context)`` int64 to ``(B, context, 256)`` logits.
+        data: 1-D uint8 tensor of bytes (e.g. ``load_corpus()["validation"][:EVAL_BYTES]``).
+        max_windows: evaluate only the first windows (``None``: all).
+
+    Every position of every window is scored (see :func:`window_nll`; windows have equal length, so the
+    mean over windows is the mean over bytes), so the number is comparable across models, not with
+    sliding-window evaluations. Raises as :func:`window_nll`.
+    """
+    nll = window_nll(model, data, context=context, batch_size=batch_size, max_windows=max_windows)
+    return math.exp(nll.mean().item())
 
 
 def train_tiny_lm(*, steps: int = 600, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
