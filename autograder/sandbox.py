@@ -353,16 +353,27 @@ def _kill_cgroup_dirs(dirs, timeout: float = 10.0) -> None:
                 kill.write_text("1")
             except OSError:
                 pass
-    while time.monotonic() < end:
+
+    def members() -> set[int]:
         alive = set()
         for d in dirs:
             try:
                 alive |= {int(x) for x in (Path(d) / "cgroup.procs").read_text().split()}
             except OSError:
                 pass
-        if not alive:
+        return alive
+
+    _sigkill_until_gone(members, end)
+
+
+def _sigkill_until_gone(alive, end: float) -> None:
+    """SIGKILL every PID that ``alive()`` lists, again and again (a process can fork while it is being
+    killed), until it lists none or ``time.monotonic()`` passes ``end``."""
+    while time.monotonic() < end:
+        pids = alive()
+        if not pids:
             return
-        for pid in alive:
+        for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
@@ -453,17 +464,7 @@ def ipc_objects_of(uid: int) -> list[tuple[str, int]]:
 
 def _clean_user(uid: int, timeout: float = 10.0) -> None:
     """Kill every process of ``uid`` and remove its files and SysV IPC objects on the host."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        alive = processes_of(uid)
-        if not alive:
-            break
-        for pid in alive:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.02)
+    _sigkill_until_gone(lambda: processes_of(uid), time.monotonic() + timeout)
     for path in files_of(uid):
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)

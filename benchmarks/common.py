@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def git_describe() -> str:
@@ -80,8 +81,24 @@ def copy_bandwidth(nbytes: int = 256 * 2**20) -> float:
     return 2 * nbytes / seconds / 1e9
 
 
+def run_command() -> dict:
+    """The command that is running: ``{"script": path of ``sys.argv[0]`` relative to the repository root
+    (absolute if it lies outside), "argv": the arguments after it}`` — so a results file names the exact
+    command that made it."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if script is None:
+        shown = ""
+    else:
+        try:
+            shown = script.relative_to(ROOT).as_posix()
+        except ValueError:
+            shown = str(script)
+    return {"script": shown, "argv": list(sys.argv[1:])}
+
+
 def write_result(name: str, payload: dict) -> Path:
-    """Write ``benchmarks/results/<name>.json`` with provenance.
+    """Write ``benchmarks/results/<name>.json`` with provenance: ``"machine"`` (hardware, versions, the
+    commit) and ``"run"`` (the script and its arguments, see ``run_command``) ahead of ``payload``.
 
     A dirty tree is refused unless ``LLMSPACE_ALLOW_DIRTY=1``, and then the commit field says "-dirty":
     a number must name the code that produced it.
@@ -90,9 +107,11 @@ def write_result(name: str, payload: dict) -> Path:
     if commit.endswith("-dirty") and os.environ.get("LLMSPACE_ALLOW_DIRTY") != "1":
         raise SystemExit(f"refusing to write results/{name}.json from a dirty tree ({commit}): commit first, "
                          "or set LLMSPACE_ALLOW_DIRTY=1 to record it as dirty")
+    if "machine" in payload or "run" in payload:
+        raise ValueError(f"payload keys 'machine' and 'run' are reserved for provenance, got {sorted(payload)}")
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    path.write_text(json.dumps({"machine": machine(), "run": run_command(), **payload}, indent=2) + "\n")
     return path
 
 

@@ -2,6 +2,7 @@
 
     python benchmarks/grading_throughput.py [--notebooks 12] [--workers 2]
         → benchmarks/results/grading_throughput.json
+    python benchmarks/grading_throughput.py --notebooks 2 --no-result   # a smoke run: prints, no file
 
 Grades the same cohort (half reference answers, half untouched releases of ex01_sparse) twice in one
 run — with the full sandbox (bubblewrap, a slot user and a cgroup: needs root) and degraded (rlimits
@@ -54,6 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--notebooks", type=int, default=12)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--no-result", action="store_true", help="print only; write no results JSON")
     args = parser.parse_args()
     isolated, why = isolation_available()
     rows = []
@@ -79,12 +81,12 @@ def main() -> None:
                                                                              "why": iso.why},
                "results": rows,
                "settings": {"cohort": "half reference answers, half untouched releases"}}
-    path = write_result("grading_throughput", payload)
+    path = None if args.no_result else write_result("grading_throughput", payload)
     for r in rows:
         print(f"{r['mode']:<9} {r['notebooks']} notebooks, {r['workers']} workers: {r['seconds']:.1f} s = "
               f"{r['notebooks_per_minute']:.1f} notebooks/min; empty sandbox start+stop "
               f"{r['empty_sandbox_seconds'] * 1e3:.0f} ms")
-    print(f"wrote {path}")
+    print(f"wrote {path}" if path else "no results file written")
 
 
 if __name__ == "__main__":

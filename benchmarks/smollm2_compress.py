@@ -1,8 +1,8 @@
 """SmolLM2-135M compressed: weight quantization and pruning scored on the book's evaluation slice, each
 variant against the dense model with a paired-bootstrap 95% interval of the perplexity ratio.
 
-    python benchmarks/smollm2_compress.py quant   # writes results/smollm2_quant.json
-    python benchmarks/smollm2_compress.py prune   # writes results/smollm2_prune.json
+    python benchmarks/smollm2_compress.py quant   # writes benchmarks/results/smollm2_quant.json
+    python benchmarks/smollm2_compress.py prune   # writes benchmarks/results/smollm2_prune.json
     python benchmarks/smollm2_compress.py quant --smoke   # 2 short windows, layer 0 only, no file
     python benchmarks/smollm2_compress.py prune --threads 1   # on a crowded machine
 
