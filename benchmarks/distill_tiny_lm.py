@@ -1,7 +1,9 @@
 """Distilling the trained tiny byte LM (the teacher) into a student with ≥4× fewer parameters, against
-the same student trained on the data alone — same architecture, steps, batches, schedule and seed.
+the same student trained on the data alone — same architecture, steps, batches, schedule and seed —
+for each of five training seeds.
 
-    python benchmarks/distill_tiny_lm.py      # writes benchmarks/results/distill_tiny_lm.json (~10 min, 2 cores)
+    python benchmarks/distill_tiny_lm.py          # writes benchmarks/results/distill_tiny_lm.json (~15 min, 2 cores)
+    python benchmarks/distill_tiny_lm.py --smoke  # 20 steps, one seed, 64 windows, writes nothing
 
 Arms (identical except for the loss / the data):
 * ``scratch``       — cross-entropy on the corpus (no teacher);
@@ -10,8 +12,12 @@ Arms (identical except for the loss / the data):
                       (Kim & Rush, 2016), generated once before training from corpus prompts. Off by
                       default: sampling without a KV cache costs more CPU time than this run's budget.
 
-Measured: validation perplexity (files neither model trained on), parameters, bytes (fp32 and fp16),
-and forward throughput (tokens/s, batch 8 × 128, best of several runs) on this machine's CPU.
+Measured: perplexity on the tiny LM's one evaluation slice (the whole validation split,
+``llmspace.models.EVAL_BYTES``: 3,205 windows of 129 bytes from files neither model trained on), scored
+window by window, so that the two arms of one seed are compared by a paired bootstrap over windows
+(``llmspace.evaluate.paired_bootstrap``, 95%); parameters and bytes (fp32 and fp16). A seed fixes the
+student's initialisation and its batch order, identical for both arms. Speed is not measured here (the
+training wall times of a shared machine say nothing): ``benchmarks/distill_speed.py`` repeats it.
 """
 from __future__ import annotations
 
@@ -26,16 +32,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_time, write_result  # noqa: E402
+from common import write_result  # noqa: E402
 
 from llmspace import distill as D  # noqa: E402
+from llmspace import evaluate as E  # noqa: E402
 from llmspace import models as M  # noqa: E402
 
 STUDENT = M.TinyLMConfig(d_model=64, n_layers=2, n_heads=2, d_ff=256)
-TRAIN = {"steps": 400, "batch_size": 32, "lr": 3e-3, "seed": 0}
+TRAIN = {"steps": 400, "batch_size": 32, "lr": 3e-3}
+SEEDS = (0, 1, 2, 3, 4)
 KD = {"temperature": 2.0, "alpha": 0.5}
 SEQ_KD = {"n_sequences": 1024, "prompt_bytes": 64, "temperature": 1.0, "seed": 0}
-EVAL_WINDOWS = 512
 
 
 def lr_at(step, steps, lr, warmup=100):
@@ -94,43 +101,62 @@ def teacher_samples(teacher, train: torch.Tensor, n_sequences, prompt_bytes, tem
     return torch.cat(out)
 
 
-def describe(model, val) -> dict:
+def describe(model, nll) -> dict:
     params = sum(p.numel() for p in model.parameters())
-    x = torch.randint(0, 256, (8, 128), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        seconds = best_time(lambda: model(x), repeat=5, min_seconds=1.0)
     return {"parameters": params, "bytes_fp32": params * 4, "bytes_fp16": params * 2,
-            "perplexity": M.perplexity(model, val, max_windows=EVAL_WINDOWS),
-            "tokens_per_s": x.numel() / seconds}
+            "perplexity": math.exp(nll.mean().item())}
 
 
 def main() -> None:
+    global SEEDS
+    smoke = "--smoke" in sys.argv
+    train_cfg = dict(TRAIN, steps=20) if smoke else TRAIN
+    if smoke:
+        SEEDS = SEEDS[:1]
+    torch.set_num_threads(2)
     start = time.perf_counter()
     corpus = M.load_corpus()
-    train, val = corpus["train"], corpus["validation"]
+    train, val = corpus["train"], corpus["validation"][:M.EVAL_BYTES if not smoke else 64 * 129]
     teacher = M.load_tiny_lm()
-    results = {"teacher": describe(teacher, val)}
-    print("teacher", results["teacher"])
+    teacher_nll = M.window_nll(teacher, val)
+    results = {"teacher": describe(teacher, teacher_nll)}
+    print("teacher", results["teacher"], flush=True)
     plan = [("scratch", train), ("kd", train)]
     sampling_seconds = None
     if "--sequence-kd" in sys.argv:
         t0 = time.perf_counter()
         plan.append(("sequence-kd", teacher_samples(teacher, train, **SEQ_KD)))
         sampling_seconds = time.perf_counter() - t0
-    arms = {}
-    for arm, data in plan:
-        student, seconds = train_student(arm, teacher, data, **TRAIN)
-        arms[arm] = {**describe(student, val), "train_seconds": seconds}
-        print(arm, arms[arm])
-    results["students"] = arms
-    ratio = results["teacher"]["parameters"] / arms["scratch"]["parameters"]
+    runs = []
+    for seed in SEEDS:
+        nll = {}
+        run = {"seed": seed, "students": {}}
+        for arm, data in plan:
+            student, seconds = train_student(arm, teacher, data, **train_cfg, seed=seed)
+            nll[arm] = M.window_nll(student, val)
+            run["students"][arm] = {**describe(student, nll[arm]), "vs_teacher": E.paired_bootstrap(teacher_nll, nll[arm]),
+                                    "train_seconds_shared_machine": round(seconds, 1)}
+            print(seed, arm, {k: run["students"][arm][k] for k in ("perplexity", "train_seconds_shared_machine")},
+                  flush=True)
+        run["kd_vs_scratch"] = E.paired_bootstrap(nll["scratch"], nll["kd"])
+        if "sequence-kd" in nll:
+            run["sequence_kd_vs_scratch"] = E.paired_bootstrap(nll["scratch"], nll["sequence-kd"])
+        print(seed, "kd / scratch", {k: run["kd_vs_scratch"][k] for k in ("ratio", "ratio_low", "ratio_high")},
+              flush=True)
+        runs.append(run)
+    ratio = results["teacher"]["parameters"] / runs[0]["students"]["scratch"]["parameters"]
     assert ratio >= 4, ratio
+    if smoke:
+        return
     write_result("distill_tiny_lm", {
         "settings": {"student": asdict(STUDENT), "teacher": M.tiny_lm_record()["config"], "train": TRAIN,
-                     "kd": KD, "sequence_kd": SEQ_KD, "eval_windows": EVAL_WINDOWS,
+                     "seeds": SEEDS, "kd": KD, "sequence_kd": SEQ_KD,
+                     "evaluation": "the whole validation split: llmspace.models.EVAL_BYTES = 3205 windows of 129 bytes",
+                     "n_windows": int(teacher_nll.numel()),
+                     "bootstrap": {"n_resamples": 2000, "confidence": 0.95, "seed": 0},
                      "tiny_lm_sha256": hashlib.sha256(M.TINY_LM_WEIGHTS.read_bytes()).hexdigest(),
                      "threads": torch.get_num_threads()},
-        **results, "parameter_ratio": ratio, "sequence_kd_sampling_seconds": sampling_seconds,
+        **results, "runs": runs, "parameter_ratio": ratio, "sequence_kd_sampling_seconds": sampling_seconds,
         "seconds": round(time.perf_counter() - start, 1)})
 
 

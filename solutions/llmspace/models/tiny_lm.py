@@ -141,6 +141,25 @@ def _windows(data: torch.Tensor, context: int, max_windows: int | None) -> torch
     return data[: n * (context + 1)].view(n, context + 1).long()
 
 
+def calibration_windows(n_windows: int, seed: int, *, context: int = 128) -> torch.Tensor:
+    """Random windows of the *training* split, the calibration data of every tiny-LM page and benchmark.
+
+    Args:
+        n_windows: how many windows; seed: seed of the ``torch.Generator`` that draws their starts
+            (uniform over ``[0, len(train) - context - 1)``; windows may overlap).
+
+    Returns:
+        int64 ``(n_windows, context)`` byte windows. One seed is one calibration draw: GPTQ's Hessians and
+        Wanda's input norms are computed from it, and results are reported over several seeds.
+    """
+    if not isinstance(n_windows, int) or n_windows < 1:
+        raise ValueError(f"n_windows must be a positive int, got {n_windows!r}")
+    train = load_corpus()["train"]
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, train.numel() - context - 1, (n_windows,), generator=gen)
+    return train[starts[:, None] + torch.arange(context)].long()
+
+
 @torch.no_grad()
 def window_nll(model: nn.Module, data: torch.Tensor, *, context: int = 128, batch_size: int = 64,
                max_windows: int | None = None) -> torch.Tensor:
