@@ -1,6 +1,7 @@
 """Distilling all-MiniLM-L6-v2 (6 layers, the teacher) into a 2-layer student on real sentences.
 
-    python benchmarks/distill_minilm.py       # writes benchmarks/results/distill_minilm.json (~5 min, 2 cores)
+    python benchmarks/distill_minilm.py          # writes benchmarks/results/distill_minilm.json (~35 min, 2 cores)
+    python benchmarks/distill_minilm.py --smoke  # 64 training sentences, 1 epoch, one seed, writes nothing
 
 Sentences: ``llmspace.models.stdlib_sentences`` (first lines of the standard library's docstrings),
 shuffled with a fixed seed; N_TRAIN to train on, N_EVAL held out for every number reported. The
@@ -14,7 +15,10 @@ layer, so student layer i starts as teacher layer 3i+2). Arms:
   teacher layer it replaces (``feature_distillation_loss`` through a learned projection, padding masked).
 
 Measured on the held-out sentences: cosine to the teacher's embeddings and retrieval agreement
-(``llmspace.models.embedding_fidelity``), parameters, bytes and sentences/s on this CPU.
+(``llmspace.models.embedding_fidelity``), parameters, bytes and sentences/s on this CPU. The two trained
+arms run with each of SEEDS (a seed fixes the projections' initialisation and the batch order, the same
+for both arms); per seed, the two arms are compared sentence by sentence (the difference of each held-out
+sentence's cosine to the teacher) with a 95% paired-bootstrap interval over sentences.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -36,7 +41,8 @@ from llmspace import models as M  # noqa: E402
 N_TRAIN, N_EVAL = 1024, 256
 MAX_TOKENS = 64
 BATCH = 32
-TRAIN = {"epochs": 4, "lr": 1e-4, "seed": 0}
+TRAIN = {"epochs": 4, "lr": 1e-4}
+SEEDS = (0, 1, 2)
 STUDENT_LAYERS = (2, 5)
 
 
@@ -135,11 +141,32 @@ def n_params(module) -> dict:
     return {"parameters": total, "embedding_parameters": emb, "bytes_fp32": total * 4}
 
 
+def sentence_cosines(reference: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    return (F.normalize(reference, dim=1) * F.normalize(embeddings, dim=1)).sum(1)
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor, n_resamples: int = 2000, seed: int = 0) -> dict:
+    """Mean of ``b - a`` over sentences and its 95% percentile-bootstrap interval (sentences resampled)."""
+    d = (b - a).double().numpy()
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(n_resamples, d.size))
+    lo, hi = np.quantile(d[idx].mean(axis=1), [0.025, 0.975])
+    return {"mean_difference": float(d.mean()), "low": float(lo), "high": float(hi), "n": int(d.size),
+            "b_better_share": float((d > 0).mean()), "n_resamples": n_resamples}
+
+
 def main() -> None:
+    global SEEDS
+    smoke = "--smoke" in sys.argv
+    train_cfg = dict(TRAIN, epochs=1) if smoke else TRAIN
+    if smoke:
+        SEEDS = SEEDS[:1]
+    torch.set_num_threads(2)
     start = time.perf_counter()
     st = M.load_minilm()
     teacher = st[0].auto_model.eval()
     train, held_out = sentences()
+    if smoke:
+        train = train[:64]
     reference = embed_all(teacher, st, held_out)
     check = st.encode(held_out[:8], convert_to_tensor=True)   # our pooling = the pipeline's
     assert torch.allclose(reference[:8], check, atol=1e-5), (reference[:8] - check).abs().max()
@@ -148,22 +175,47 @@ def main() -> None:
 
     rows = {"teacher (6 layers)": {**n_params(teacher), **M.embedding_fidelity(reference, reference),
                                    "sentences_per_s": sentences_per_second(teacher, st, held_out)}}
-    for arm, epochs, hidden_weight in (("truncated (layers 2, 5; no training)", 0, 0.0),
-                                       ("embedding KD", TRAIN["epochs"], 0.0),
-                                       ("embedding + hidden KD", TRAIN["epochs"], 1.0)):
-        student = make_student(teacher)
-        t0 = time.perf_counter()
-        losses = distill(student, batches, epochs, TRAIN["lr"], TRAIN["seed"], hidden_weight) if epochs else []
-        train_seconds = time.perf_counter() - t0
-        rows[arm] = {**n_params(student), **M.embedding_fidelity(reference, embed_all(student, st, held_out)),
-                     "sentences_per_s": sentences_per_second(student, st, held_out),
-                     "train_seconds": train_seconds,
-                     "final_loss": sum(losses[-8:]) / 8 if losses else None}
-        print(arm, rows[arm])
+    student = make_student(teacher)
+    rows["truncated (layers 2, 5; no training)"] = {
+        **n_params(student), **M.embedding_fidelity(reference, embed_all(student, st, held_out)),
+        "sentences_per_s": sentences_per_second(student, st, held_out)}
+    arms = (("embedding KD", 0.0), ("embedding + hidden KD", 1.0))
+    per_seed = {arm: {} for arm, _ in arms}
+    comparisons = []
+    for seed in SEEDS:
+        cosines = {}
+        for arm, hidden_weight in arms:
+            student = make_student(teacher)
+            t0 = time.perf_counter()
+            losses = distill(student, batches, train_cfg["epochs"], train_cfg["lr"], seed, hidden_weight)
+            train_seconds = time.perf_counter() - t0
+            emb = embed_all(student, st, held_out)
+            cosines[arm] = sentence_cosines(reference, emb)
+            per_seed[arm][str(seed)] = {**M.embedding_fidelity(reference, emb),
+                                        "train_seconds_shared_machine": round(train_seconds, 1),
+                                        "final_loss": sum(losses[-8:]) / 8}
+            if seed == SEEDS[0]:
+                per_seed[arm][str(seed)]["sentences_per_s"] = sentences_per_second(student, st, held_out)
+            print(seed, arm, per_seed[arm][str(seed)], flush=True)
+        comparisons.append({"seed": seed, "variant": "embedding + hidden KD", "baseline": "embedding KD",
+                            "cosine": paired_difference(cosines["embedding KD"], cosines["embedding + hidden KD"])})
+        print(seed, comparisons[-1], flush=True)
+    for arm, _ in arms:
+        runs = list(per_seed[arm].values())
+        rows[arm] = {**n_params(student),
+                     **{k: sum(r[k] for r in runs) / len(runs)
+                        for k in ("mean_cosine", "min_cosine", "topk_agreement", "top1_agreement")},
+                     "range": {k: [min(r[k] for r in runs), max(r[k] for r in runs)]
+                               for k in ("mean_cosine", "min_cosine", "topk_agreement", "top1_agreement")},
+                     "per_seed": per_seed[arm]}
+    if smoke:
+        return
     write_result("distill_minilm", {
         "settings": {"n_train": N_TRAIN, "n_eval": N_EVAL, "max_tokens": MAX_TOKENS, "batch": BATCH,
-                     "train": TRAIN, "student_layers": STUDENT_LAYERS, "threads": torch.get_num_threads()},
-        "results": rows, "seconds": round(time.perf_counter() - start, 1)})
+                     "train": TRAIN, "seeds": SEEDS, "student_layers": STUDENT_LAYERS,
+                     "threads": torch.get_num_threads(),
+                     "note": "trained arms: metrics are means over seeds, with their range and per-seed values"},
+        "results": rows, "comparisons": comparisons, "seconds": round(time.perf_counter() - start, 1)})
 
 
 if __name__ == "__main__":
