@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TRITON_INTERPRET := 1
 ASSIGNMENTS := $(notdir $(wildcard exercises/source/ex*))
 
-.PHONY: help venv book serve exercises student lab sync test test-fast chromium nodejs postgres bubblewrap benchmarks clean
+.PHONY: help venv book serve exercises student lab sync test test-fast chromium nodejs postgres bubblewrap benchmarks benchmarks-smollm2 clean
 
 help:
 	@echo "make book        build the executed book into _build/html (creates .venv on first use)"
@@ -104,24 +104,36 @@ test: venv book chromium postgres bubblewrap
 test-fast: venv
 	$(PY) -m pytest -n 2 --dist loadfile -m "not browser and not slow"
 
+# Every results file in benchmarks/results/ has one script here, run from a clean commit (results record
+# `git describe`). The SmolLM2 runs take hours on 2 CPU cores: `make benchmarks-smollm2`.
 benchmarks: venv
 	$(PY) benchmarks/sparse_spmv.py
+	$(PY) benchmarks/memory_peak.py
 	$(PY) benchmarks/memory_checkpoint.py
 	$(PY) benchmarks/memory_allocator.py
 	$(PY) benchmarks/memory_parallel.py
 	$(PY) benchmarks/quant_minilm.py
+	$(PY) benchmarks/quant_minilm_intervals.py
 	$(PY) benchmarks/quant_tiny_lm.py
 	$(PY) benchmarks/quant_w4a16.py
 	$(PY) benchmarks/grading_throughput.py
 	$(PY) benchmarks/prune_tiny_lm.py
+	$(PY) benchmarks/prune_wanda_parts.py
 	$(PY) benchmarks/prune_minilm.py
 	$(PY) benchmarks/distill_tiny_lm.py
 	$(PY) benchmarks/distill_minilm.py
 	$(PY) benchmarks/distill_speed.py
 	$(PY) benchmarks/storage_load.py
-	nice $(PY) benchmarks/mutation_score.py
 	$(PY) benchmarks/storage_compress.py
+	$(PY) benchmarks/storage_fuzz.py
+	$(PY) benchmarks/gguf_load.py
+	nice $(PY) benchmarks/mutation_score.py
 	$(PY) benchmarks/storage_offload_gpu.py
+
+benchmarks-smollm2: venv
+	$(PY) benchmarks/smollm2_kv.py
+	$(PY) benchmarks/smollm2_compress.py quant
+	$(PY) benchmarks/smollm2_compress.py prune
 
 clean:
 	rm -rf _build dist exercises/release exercises/autograded exercises/feedback exercises/gradebook.db
