@@ -94,6 +94,22 @@ def test_perplexity_scores_every_whole_window():
         M.window_nll(PreviousByte(), data[:context], context=context)
 
 
+def test_calibration_windows_are_training_text_drawn_by_the_seed():
+    """Each window is 128 consecutive bytes of the training split (found in it by substring search, not by
+    re-drawing the starts); one seed is one draw, another seed another draw."""
+    corpus = M.load_corpus()
+    train = bytes(corpus["train"].numpy())
+    windows = M.calibration_windows(8, seed=1)
+    assert windows.dtype == torch.int64 and windows.shape == (8, 128)
+    assert all(bytes(w.to(torch.uint8).numpy()) in train for w in windows)
+    assert torch.equal(windows, M.calibration_windows(8, seed=1))
+    assert not torch.equal(windows, M.calibration_windows(8, seed=2))
+    assert M.calibration_windows(4, seed=0, context=16).shape == (4, 16)
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="n_windows"):
+            M.calibration_windows(bad, seed=0)
+
+
 def test_sentences_are_real_and_deterministic():
     sentences = M.stdlib_sentences()
     assert len(sentences) == 256 == len(set(sentences))

@@ -151,6 +151,9 @@ def calibration_windows(n_windows: int, seed: int, *, context: int = 128) -> tor
     Returns:
         int64 ``(n_windows, context)`` byte windows. One seed is one calibration draw: GPTQ's Hessians and
         Wanda's input norms are computed from it, and results are reported over several seeds.
+
+    Raises:
+        ValueError: ``n_windows`` is not a positive int.
     """
     if not isinstance(n_windows, int) or n_windows < 1:
         raise ValueError(f"n_windows must be a positive int, got {n_windows!r}")
