@@ -92,6 +92,9 @@ def test_perplexity_scores_every_whole_window():
         M.window_nll(PreviousByte(), data.long(), context=context)
     with pytest.raises(ValueError, match="fewer than one window"):
         M.window_nll(PreviousByte(), data[:context], context=context)
+    for bad in (0, -1, 1.5):   # -1 used to slice off the last window silently, 0 to claim the data too short
+        with pytest.raises(ValueError, match="max_windows"):
+            M.window_nll(PreviousByte(), data, context=context, max_windows=bad)
 
 
 def test_calibration_windows_are_training_text_drawn_by_the_seed():

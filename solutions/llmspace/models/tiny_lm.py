@@ -136,6 +136,8 @@ class TinyLM(nn.Module):
 def _windows(data: torch.Tensor, context: int, max_windows: int | None) -> torch.Tensor:
     """Non-overlapping windows of ``context + 1`` bytes → ``(n, context + 1)`` int64."""
     n = data.numel() // (context + 1)        # a window holds its own targets: k * (context + 1) bytes are k windows
+    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1):
+        raise ValueError(f"max_windows must be None or a positive int, got {max_windows!r}")
     if max_windows is not None:
         n = min(n, max_windows)
     return data[: n * (context + 1)].view(n, context + 1).long()
@@ -172,6 +174,7 @@ def window_nll(model: nn.Module, data: torch.Tensor, *, context: int = 128, batc
         model: maps ``(B, context)`` int64 to ``(B, context, 256)`` logits.
         data: 1-D uint8 tensor of bytes (e.g. ``load_corpus()["validation"][:EVAL_BYTES]``).
         max_windows: evaluate only the first windows (``None``: all).
+        batch_size: windows per forward pass (does not change the result beyond float rounding).
 
     Returns:
         float64 tensor ``(n_windows,)``: window ``i`` covers bytes ``i*(context+1)`` to
@@ -181,7 +184,7 @@ def window_nll(model: nn.Module, data: torch.Tensor, *, context: int = 128, batc
 
     Raises:
         TypeError: ``data`` is not a 1-D uint8 tensor.
-        ValueError: ``data`` is shorter than one window.
+        ValueError: ``data`` is shorter than one window, or ``max_windows`` is not ``None`` or a positive int.
     """
     if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
         raise TypeError(f"data must be a 1-D uint8 tensor, got {type(data).__name__}"
