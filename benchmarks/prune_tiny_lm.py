@@ -4,7 +4,7 @@ one-shot vs a short masked recovery fine-tune, and structured (neurons, heads) t
     python benchmarks/prune_tiny_lm.py          # writes benchmarks/results/prune_tiny_lm.json (~30 min, 2 cores)
     python benchmarks/prune_tiny_lm.py --smoke  # 64 windows, one seed, a few variants, writes nothing
 
-Pruned: every nn.Linear inside the transformer blocks (qkv, proj, fc1, fc2 — 98% of the matmul
+Pruned: every nn.Linear inside the transformer blocks (qkv, proj, fc1, fc2 — 96% of the matmul
 weights); the embeddings and the output head stay dense, as in the Wanda and SparseGPT papers.
 
 Evaluation: the tiny LM's one evaluation slice, the whole validation split (``llmspace.models.EVAL_BYTES``,
