@@ -1,6 +1,6 @@
 """Distilling all-MiniLM-L6-v2 (6 layers, the teacher) into a 2-layer student on real sentences.
 
-    python benchmarks/distill_minilm.py          # writes benchmarks/results/distill_minilm.json (~35 min, 2 cores)
+    python benchmarks/distill_minilm.py          # writes benchmarks/results/distill_minilm.json (~7 min, 2 cores)
     python benchmarks/distill_minilm.py --smoke  # 64 training sentences, 1 epoch, one seed, writes nothing
 
 Sentences: ``llmspace.models.stdlib_sentences`` (first lines of the standard library's docstrings),
@@ -16,9 +16,11 @@ layer, so student layer i starts as teacher layer 3i+2). Arms:
 
 Measured on the held-out sentences: cosine to the teacher's embeddings and retrieval agreement
 (``llmspace.models.embedding_fidelity``), parameters, bytes and sentences/s on this CPU. The two trained
-arms run with each of SEEDS (a seed fixes the projections' initialisation and the batch order, the same
-for both arms); per seed, the two arms are compared sentence by sentence (the difference of each held-out
-sentence's cosine to the teacher) with a 95% paired-bootstrap interval over sentences.
+arms run with each of SEEDS (a seed fixes the batch order and the dropout masks — the student is in
+train mode and MiniLM's dropout is 0.1 — the same for both arms; the student's weights start as copies of
+the teacher's and the projections as the identity, so the seed does not change the initialisation, nor
+the train/held-out split, which is fixed); per seed, the two arms are compared sentence by sentence
+(the difference of each held-out sentence's cosine to the teacher) with a 95% paired-bootstrap interval over sentences.
 """
 from __future__ import annotations
 

@@ -14,9 +14,10 @@ One *repeat* is ``--rounds`` rounds (default 7); each round times one batch of e
 the other, and the repeat reports each model's best round and the speed-ups (teacher seconds / student
 seconds). ``--repeats`` (default 3) independent repeats run back to back in this process, each with the
 load average before and after it, so one file shows how far the speed-up moves on this machine; a
-reader should trust a speed-up only as far as the repeats agree. Cost: about 2 s per round on 2 idle
-cores (mostly the 6-layer MiniLM), so the default 3 x 7 rounds take about a minute plus 20 s of loading;
-on a crowded machine, many times that. ``--threads`` (default 1) fixes torch's intra-op threads: with
+reader should trust a speed-up only as far as the repeats agree. Cost: about 1.3-1.4 s per round with one
+thread (mostly the 6-layer MiniLM; the committed run's 7-round repeats took 9.1-10.1 s at load average
+1.5-1.8 on 2 cores), so the default 3 x 7 rounds take about half a minute plus the loading; on a crowded
+machine, many times that. ``--threads`` (default 1) fixes torch's intra-op threads: with
 a varying thread count the repeats would not measure the same thing.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 the same student trained on the data alone — same architecture, steps, batches, schedule and seed —
 for each of five training seeds.
 
-    python benchmarks/distill_tiny_lm.py          # writes benchmarks/results/distill_tiny_lm.json (~15 min, 2 cores)
+    python benchmarks/distill_tiny_lm.py          # writes benchmarks/results/distill_tiny_lm.json (~13 min, 2 cores)
     python benchmarks/distill_tiny_lm.py --smoke  # 20 steps, one seed, 64 windows, writes nothing
 
 Arms (identical except for the loss / the data):

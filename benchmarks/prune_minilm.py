@@ -1,14 +1,15 @@
 """Pruning all-MiniLM-L6-v2: embedding fidelity at 50% unstructured and 2:4, magnitude vs Wanda, one-shot
 vs a short recovery fine-tune (12 steps distilling the dense model's embeddings, masks enforced).
 
-    python benchmarks/prune_minilm.py          # writes benchmarks/results/prune_minilm.json (~15 min, 2 cores)
+    python benchmarks/prune_minilm.py          # writes benchmarks/results/prune_minilm.json (~4 min, 2 cores)
     python benchmarks/prune_minilm.py --smoke  # 32 sentences, one seed, writes nothing
 
 Pruned: every nn.Linear of the 6 encoder layers (attention q/k/v/output, MLP in/out: 36 layers,
 10,616,832 weights, 21.2 MB in fp16; the 384x384 pooler outside the encoder stays dense);
 the token embedding table (11.7M) stays dense. Wanda's input norms come from 384 calibration sentences
 (one pass through the dense model), which are also the recovery fine-tune's data; they are drawn from the
-1,024 training sentences with each of SEEDS (the seed also orders the recovery batches), so every
+1,024 training sentences with each of SEEDS (the seed also orders the recovery batches and draws the
+recovery's dropout masks: MiniLM's dropout is 0.1 and ``distill`` trains in train mode), so every
 result with a calibration or recovery step is reported over three draws. Fidelity is measured on the 256
 held-out sentences (the same for every seed) against the dense model's embeddings
 (``llmspace.models.embedding_fidelity``); comparisons between two variants are paired sentence by
