@@ -161,7 +161,7 @@ class CodeLinks(SphinxPostTransform):
         if not (ROOT / path).is_file():
             logger.warning(f"code_links: {where} names a file that does not exist", location=self.document)
             return None
-        if path.startswith("solutions/llmspace/"):              # sphinx.ext.viewcode's highlighted page
+        if _viewcode_module(path):                              # sphinx.ext.viewcode's highlighted page
             module = path.removeprefix("solutions/").removesuffix(".py").removesuffix("/__init__")
             return "../" * depth + f"_modules/{module}.html"
         anchor = ""
@@ -172,6 +172,12 @@ class CodeLinks(SphinxPostTransform):
                 return None
             anchor = f"#L-{line}"
         return "../" * depth + f"{REPO_PAGES}/{path}.html{anchor}"
+
+
+def _viewcode_module(path: str) -> bool:
+    """Library modules have sphinx.ext.viewcode's page; every other file (the library's data files such as
+    ``solutions/llmspace/assets/tiny_lm.json`` included) gets a copy under ``_repo/``."""
+    return path.startswith("solutions/llmspace/") and path.endswith(".py")
 
 
 _CODE_NAME = re.compile(r'(<span class="n">(\w+)</span><span class="o">\.</span>)?<span class="n">(\w+)</span>'
@@ -215,7 +221,7 @@ def _repo_pages(app):
 
     files = set()
     for names in getattr(app.env, "llmspace_repo_files", {}).values():
-        files.update(f for f in names if not f.startswith("solutions/llmspace/"))
+        files.update(f for f in names if not _viewcode_module(f))
     formatter = HtmlFormatter(lineanchors="L", linespans=None, cssclass="highlight", wrapcode=True)
     for path in sorted(files):
         source = ROOT / path
