@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
@@ -33,19 +32,9 @@ SPARSITIES = (0.2, 0.5)
 CONTEXT = 128
 
 
-@torch.no_grad()
 def window_nll(model, data) -> torch.Tensor:
     """Mean next-byte NLL of each non-overlapping window of CONTEXT + 1 bytes → ``(n_windows,)`` float64."""
-    n = data.numel() // (CONTEXT + 1)
-    windows = data[: n * (CONTEXT + 1)].view(n, CONTEXT + 1).long()
-    model.eval()
-    out = []
-    for start in range(0, n, 64):
-        b = windows[start:start + 64]
-        logits = model(b[:, :-1])
-        nll = F.cross_entropy(logits.reshape(-1, 256).float(), b[:, 1:].reshape(-1), reduction="none")
-        out.append(nll.view(b.shape[0], -1).double().mean(1))
-    return torch.cat(out)
+    return M.window_nll(model, data, context=CONTEXT)
 
 
 def pruned(make_mask):
@@ -76,9 +65,7 @@ def main():
     dense = window_nll(dense_model, val)
     norms = {}
     for seed in CALIB_SEEDS:
-        g = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, corpus["train"].numel() - CONTEXT - 1, (CALIB_WINDOWS,), generator=g)
-        norms[seed] = P.input_norms(dense_model, blocks, [corpus["train"][starts[:, None] + torch.arange(CONTEXT)].long()])
+        norms[seed] = P.input_norms(dense_model, blocks, [M.calibration_windows(CALIB_WINDOWS, seed, context=CONTEXT)])
     out = {"dense_perplexity": math.exp(dense.mean().item()), "n_windows": dense.numel(), "sparsity": {}}
     for s in SPARSITIES:
         layer_wise = window_nll(pruned(lambda n, w: P.magnitude_mask(w, s)), val)

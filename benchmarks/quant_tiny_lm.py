@@ -32,7 +32,8 @@ from quant_minilm import linear_weight_bytes, nf4_model  # noqa: E402
 
 from llmspace import evaluate as E  # noqa: E402
 from llmspace import quant as Q  # noqa: E402
-from llmspace.models import EVAL_BYTES, TINY_LM_WEIGHTS, load_corpus, load_tiny_lm, window_nll  # noqa: E402
+from llmspace.models import (EVAL_BYTES, TINY_LM_WEIGHTS, calibration_windows, load_corpus,  # noqa: E402
+                             load_tiny_lm, window_nll)
 
 CALIB_SEEDS = (0, 1, 2)
 CALIB_WINDOWS = 64
@@ -50,12 +51,6 @@ SCHEMES = [  # name, bits, group_size, method, symmetric
 # Orderings the chapter draws, each tested window by window: (better?, baseline), same windows.
 ORDERINGS = [("int4 g128 RTN affine", "int4 g128 RTN"), ("NF4 block 64", "int4 g128 RTN affine"),
              ("NF4 block 64", "int4 g32 RTN")]
-
-
-def calibration_windows(train: torch.Tensor, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, train.numel() - 129, (CALIB_WINDOWS,), generator=gen)
-    return train[starts[:, None] + torch.arange(128)].long()
 
 
 def main() -> None:
@@ -86,7 +81,7 @@ def main() -> None:
 
     for name, bits, group_size, method, symmetric in SCHEMES:
         for seed in (CALIB_SEEDS if method == "gptq" else (None,)):
-            calibration = calibration_windows(corpus["train"], seed) if seed is not None else None
+            calibration = calibration_windows(CALIB_WINDOWS, seed) if seed is not None else None
             start = time.perf_counter()
             model = Q.quantize_model(copy.deepcopy(base), bits, group_size, method, symmetric=symmetric,
                                      calibrate=None if calibration is None else (lambda m: m(calibration)))
