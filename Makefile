@@ -119,6 +119,7 @@ benchmarks: venv
 	$(PY) benchmarks/grading_throughput.py
 	$(PY) benchmarks/prune_tiny_lm.py
 	$(PY) benchmarks/prune_wanda_parts.py
+	$(PY) benchmarks/bootstrap_files.py
 	$(PY) benchmarks/prune_minilm.py
 	$(PY) benchmarks/distill_tiny_lm.py
 	$(PY) benchmarks/distill_minilm.py

@@ -122,6 +122,39 @@ def test_paired_bootstrap_against_scipy():
         E.paired_bootstrap(a, b[:10])
 
 
+def test_paired_bootstrap_resamples_whole_groups():
+    """groups=: the cluster bootstrap. One window per group is the window bootstrap draw for draw; the
+    reference is the cluster bootstrap written out as a loop; groups of correlated windows widen it."""
+    rng = np.random.default_rng(3)
+    a = torch.tensor(rng.normal(2.0, 0.3, 120))
+    b = a + torch.tensor(rng.normal(0.01, 0.02, 120))
+    window = E.paired_bootstrap(a, b, seed=5)
+    singletons = E.paired_bootstrap(a, b, seed=5, groups=np.arange(120) * 7)    # labels need not be 0..n-1
+    for k in ("ratio", "ratio_low", "ratio_high"):      # the same draws; sums in another order
+        assert singletons[k] == pytest.approx(window[k], rel=1e-12)
+    assert singletons["n_groups"] == window["n_groups"] == 120
+    # 8 files of 15 windows; each file shifts the difference: within-file correlation
+    groups = np.repeat(np.arange(8), 15)
+    shift = np.repeat(rng.normal(0, 0.02, 8), 15)
+    b2 = a + torch.tensor(0.01 + shift + rng.normal(0, 0.002, 120))
+    got = E.paired_bootstrap(a, b2, seed=5, n_resamples=1000, groups=groups)
+    draws = np.random.default_rng(5).integers(0, 8, size=(1000, 8))
+    d = (b2 - a).numpy()
+    ref = [np.concatenate([d[groups == g] for g in row]).mean() for row in draws]
+    lo, hi = np.quantile(ref, [0.025, 0.975])
+    assert math.log(got["ratio_low"]) == pytest.approx(lo, abs=1e-12)
+    assert math.log(got["ratio_high"]) == pytest.approx(hi, abs=1e-12)
+    narrow = E.paired_bootstrap(a, b2, seed=5, n_resamples=1000)
+    width = lambda r: math.log(r["ratio_high"]) - math.log(r["ratio_low"])  # noqa: E731
+    assert width(got) > 2 * width(narrow) and got["n_groups"] == 8
+    with pytest.raises(ValueError, match="integer array of shape"):
+        E.paired_bootstrap(a, b, groups=np.zeros(10, dtype=int))
+    with pytest.raises(ValueError, match="integer array of shape"):
+        E.paired_bootstrap(a, b, groups=np.zeros(120))
+    with pytest.raises(ValueError, match="at least 2"):
+        E.paired_bootstrap(a, b, groups=np.zeros(120, dtype=int))
+
+
 def test_eval_text_is_the_stdlib_reference():
     from pydoc_data.topics import topics
     text = E.eval_text()

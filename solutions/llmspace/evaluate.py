@@ -99,7 +99,7 @@ def perplexity(nll: torch.Tensor) -> float:
 
 
 def paired_bootstrap(nll_base: torch.Tensor, nll_variant: torch.Tensor, *, n_resamples: int = 2000,
-                     confidence: float = 0.95, seed: int = 0) -> dict:
+                     confidence: float = 0.95, seed: int = 0, groups=None) -> dict:
     """Perplexities of two variants on the same windows and a paired-bootstrap interval for their ratio.
 
     Args:
@@ -107,9 +107,14 @@ def paired_bootstrap(nll_base: torch.Tensor, nll_variant: torch.Tensor, *, n_res
         n_resamples: bootstrap resamples (windows drawn with replacement, the same draw for both).
         confidence: two-sided level of the percentile interval.
         seed: seed of the resampling generator (numpy PCG64).
+        groups: optional ``(n,)`` integer label per window (e.g. the file it comes from). Windows of one
+            group are correlated, and resampling them one by one makes the interval too narrow; with
+            ``groups``, whole groups are resampled instead (the cluster bootstrap, Davison & Hinkley 1997,
+            sec. 3.8), and each resample's perplexities average over the windows of the drawn groups.
+            With one window per group it is the window bootstrap, draw for draw.
 
     Returns a dict: ``ppl_base``, ``ppl_variant``, ``ratio`` (variant / base), ``ratio_low`` and
-    ``ratio_high`` (the interval), ``n_windows``, ``n_resamples``, ``confidence``, ``seed``, and
+    ``ratio_high`` (the interval), ``n_windows``, ``n_groups`` (resampled units), ``n_resamples``, ``confidence``, ``seed``, and
     ``significant`` — whether the interval excludes 1.
     """
     a = torch.as_tensor(nll_base, dtype=torch.float64).numpy()
@@ -119,11 +124,25 @@ def paired_bootstrap(nll_base: torch.Tensor, nll_variant: torch.Tensor, *, n_res
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, a.size, size=(n_resamples, a.size))
-    log_ratio = b[idx].mean(axis=1) - a[idx].mean(axis=1)     # log(ppl_b / ppl_a) per resample
+    if groups is None:
+        idx = rng.integers(0, a.size, size=(n_resamples, a.size))
+        log_ratio = b[idx].mean(axis=1) - a[idx].mean(axis=1)     # log(ppl_b / ppl_a) per resample
+        n_groups = a.size
+    else:
+        g = np.asarray(groups)
+        if g.shape != a.shape or not np.issubdtype(g.dtype, np.integer):
+            raise ValueError(f"groups must be an integer array of shape {a.shape}, got {g.dtype} {g.shape}")
+        labels, g = np.unique(g, return_inverse=True)
+        n_groups = labels.size
+        if n_groups < 2:
+            raise ValueError("groups must hold at least 2 distinct labels")
+        count = np.bincount(g, minlength=n_groups).astype(np.float64)
+        diff_sum = np.bincount(g, weights=b - a, minlength=n_groups)
+        idx = rng.integers(0, n_groups, size=(n_resamples, n_groups))
+        log_ratio = diff_sum[idx].sum(axis=1) / count[idx].sum(axis=1)
     lo, hi = np.quantile(log_ratio, [(1 - confidence) / 2, (1 + confidence) / 2])
     ratio = math.exp(b.mean() - a.mean())
     return {"ppl_base": math.exp(a.mean()), "ppl_variant": math.exp(b.mean()), "ratio": ratio,
             "ratio_low": math.exp(lo), "ratio_high": math.exp(hi), "n_windows": int(a.size),
-            "n_resamples": n_resamples, "confidence": confidence, "seed": seed,
+            "n_groups": int(n_groups), "n_resamples": n_resamples, "confidence": confidence, "seed": seed,
             "significant": bool(lo > 0 or hi < 0)}
