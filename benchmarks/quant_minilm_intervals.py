@@ -1,6 +1,6 @@
 """Paired-bootstrap intervals for chapter 3's MiniLM comparisons, and GPTQ over three calibration draws.
 
-    python benchmarks/quant_minilm_intervals.py          # ~25 min on 2 cores; writes results/quant_minilm_intervals.json
+    python benchmarks/quant_minilm_intervals.py          # ~3 min on 2 cores; writes results/quant_minilm_intervals.json
     python benchmarks/quant_minilm_intervals.py --smoke  # 32 sentences, one GPTQ draw of 16, writes nothing
 
 ``quant_minilm.py`` reports each scheme's mean cosine to the fp32 embeddings over 256 sentences. RTN and NF4
