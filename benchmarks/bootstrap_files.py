@@ -33,12 +33,6 @@ CALIB_SEED = 1          # draw 1 of the benchmarks' calibration draws (quant_tin
 CALIB_WINDOWS = 64
 
 
-def file_of_window(val: torch.Tensor, context: int = 128) -> torch.Tensor:
-    n = val.numel() // (context + 1)
-    separators_before = torch.cumsum((val == 0).long(), 0) - (val == 0).long()
-    return separators_before[torch.arange(n) * (context + 1)]
-
-
 def pruned(make_mask):
     model = M.load_tiny_lm()
     layers = P.linear_weights(model, skip=("head",))
@@ -53,7 +47,7 @@ def main() -> None:
     val = corpus["validation"][:M.EVAL_BYTES]
     n_files = len(corpus["files"]["validation"])
     assert int((corpus["validation"] == 0).sum()) == n_files, "a NUL byte inside a file: boundaries unknown"
-    groups = file_of_window(val).numpy()
+    groups = M.window_files(val).numpy()
     base = M.load_tiny_lm()
     calib = M.calibration_windows(CALIB_WINDOWS, CALIB_SEED)
     norms = P.input_norms(base, P.linear_weights(base, skip=("head",)), [calib])

@@ -14,8 +14,9 @@ Arms (identical except for the loss / the data):
 
 Measured: perplexity on the tiny LM's one evaluation slice (the whole validation split,
 ``llmspace.models.EVAL_BYTES``: 3,205 windows of 129 bytes from files neither model trained on), scored
-window by window, so that the two arms of one seed are compared by a paired bootstrap over windows
-(``llmspace.evaluate.paired_bootstrap``, 95%); parameters and bytes (fp32 and fp16). A seed fixes the
+window by window, so that the two arms of one seed are compared by a paired bootstrap (95%,
+``llmspace.evaluate.paired_bootstrap``) over windows and, since windows of one file are correlated, over
+whole validation files (``groups=llmspace.models.window_files``); parameters and bytes (fp32 and fp16). A seed fixes the
 student's initialisation and its batch order, identical for both arms. Speed is not measured here (the
 training wall times of a shared machine say nothing): ``benchmarks/distill_speed.py`` repeats it.
 """
@@ -119,6 +120,7 @@ def main() -> None:
     train, val = corpus["train"], corpus["validation"][:M.EVAL_BYTES if not smoke else 64 * 129]
     teacher = M.load_tiny_lm()
     teacher_nll = M.window_nll(teacher, val)
+    files = M.window_files(val).numpy()
     results = {"teacher": describe(teacher, teacher_nll)}
     print("teacher", results["teacher"], flush=True)
     plan = [("scratch", train), ("kd", train)]
@@ -139,6 +141,8 @@ def main() -> None:
             print(seed, arm, {k: run["students"][arm][k] for k in ("perplexity", "train_seconds_shared_machine")},
                   flush=True)
         run["kd_vs_scratch"] = E.paired_bootstrap(nll["scratch"], nll["kd"])
+        # the same comparison resampling whole validation files (windows of one file are correlated)
+        run["kd_vs_scratch_files"] = E.paired_bootstrap(nll["scratch"], nll["kd"], groups=files)
         if "sequence-kd" in nll:
             run["sequence_kd_vs_scratch"] = E.paired_bootstrap(nll["scratch"], nll["sequence-kd"])
         print(seed, "kd / scratch", {k: run["kd_vs_scratch"][k] for k in ("ratio", "ratio_low", "ratio_high")},

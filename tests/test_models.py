@@ -161,3 +161,19 @@ def test_embedding_fidelity_against_brute_force():
     assert same["topk_agreement"] == 1 and math.isclose(same["mean_cosine"], 1, abs_tol=1e-6)
     with pytest.raises(ValueError, match="same shape"):
         M.embedding_fidelity(ref, emb[:10])
+
+
+def test_window_files_are_the_files_windows_start_in():
+    """Against the file list itself: window k's first byte lies inside the file window_files names."""
+    corpus = M.load_corpus()
+    val = corpus["validation"][:M.EVAL_BYTES]
+    files = M.window_files(val)
+    assert files.dtype == torch.int64 and files.shape == (M.EVAL_BYTES // 129,)
+    sizes = [len((M.stdlib_files()[0].parent / name).read_bytes()) + 1 for name in corpus["files"]["validation"]]
+    ends = torch.cumsum(torch.tensor(sizes), 0)
+    starts = torch.arange(files.numel()) * 129
+    expected = torch.searchsorted(ends, starts, right=True)
+    assert torch.equal(files, expected)
+    assert files.unique().numel() == len(sizes) == 16
+    with pytest.raises(TypeError, match="uint8"):
+        M.window_files(val.long())

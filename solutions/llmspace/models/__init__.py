@@ -27,7 +27,7 @@ measured on weights someone actually trained. This package holds every model the
 from llmspace.models.transformer import LLAMA2_7B, LLAMA2_70B, SMALL_CONFIGS, Transformer, TransformerConfig
 from llmspace.models.tiny_lm import (
     ASSETS, EVAL_BYTES, TINY_LM_RECORD, TINY_LM_WEIGHTS, VALIDATION_EVERY, Block, TinyLM, TinyLMConfig,
-    load_corpus, load_tiny_lm, perplexity, stdlib_files, tiny_lm_record, train_tiny_lm, window_nll, calibration_windows)
+    load_corpus, load_tiny_lm, perplexity, stdlib_files, tiny_lm_record, train_tiny_lm, window_nll, calibration_windows, window_files)
 from llmspace.models.minilm import embedding_fidelity, load_minilm, minilm_path, stdlib_sentences
 from llmspace.models.smollm2 import SMOLLM2_GGUF, SMOLLM2_PACKAGE, load_smollm2, smollm2_config, smollm2_gguf_path
 
@@ -35,5 +35,5 @@ __all__ = [
     "Transformer", "TransformerConfig", "SMALL_CONFIGS", "LLAMA2_7B", "LLAMA2_70B",
     "TinyLMConfig", "TinyLM", "stdlib_files", "load_corpus", "train_tiny_lm", "perplexity",
     "load_tiny_lm", "tiny_lm_record", "load_minilm", "minilm_path", "stdlib_sentences",
-    "embedding_fidelity", "ASSETS", "EVAL_BYTES", "window_nll", "calibration_windows", "smollm2_gguf_path", "smollm2_config", "load_smollm2", "SMOLLM2_PACKAGE",
+    "embedding_fidelity", "ASSETS", "EVAL_BYTES", "window_nll", "calibration_windows", "window_files", "smollm2_gguf_path", "smollm2_config", "load_smollm2", "SMOLLM2_PACKAGE",
 ]

@@ -143,6 +143,27 @@ def _windows(data: torch.Tensor, context: int, max_windows: int | None) -> torch
     return data[: n * (context + 1)].view(n, context + 1).long()
 
 
+def window_files(data: torch.Tensor, *, context: int = 128) -> torch.Tensor:
+    """Which corpus file each non-overlapping window of ``context + 1`` bytes of ``data`` starts in.
+
+    Args:
+        data: a prefix of one split of :func:`load_corpus` (1-D uint8), whose files are joined by one NUL byte.
+
+    Returns:
+        int64 ``(n_windows,)``: file ``k`` of the split for window ``k``'s first byte. These are the groups of
+        ``llmspace.evaluate.paired_bootstrap(..., groups=)``: windows of one file are correlated, so an
+        interval that resamples whole files is the honest one.
+
+    Raises:
+        TypeError: ``data`` is not a 1-D uint8 tensor.
+    """
+    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
+        raise TypeError(f"data must be a 1-D uint8 tensor, got {type(data).__name__}")
+    n = data.numel() // (context + 1)
+    nul = (data == 0).long()
+    return (torch.cumsum(nul, 0) - nul)[torch.arange(n) * (context + 1)]
+
+
 def calibration_windows(n_windows: int, seed: int, *, context: int = 128) -> torch.Tensor:
     """Random windows of the *training* split, the calibration data of every tiny-LM page and benchmark.
 
